@@ -1,0 +1,78 @@
+"""The `ipgo.fit` command line: LightningCLI over IPGOModule and PromptDataModule.
+
+The run folder is `trainer.default_root_dir`. Unless a logger is configured, metrics go to
+`<run>/metrics.csv` and `<run>/tensorboard/`; checkpoints to `<run>/checkpoints/`
+(`last.ckpt` after every epoch); at the end the module writes `tokens.safetensors`,
+`before_after.png`, `summary.md` and `summary.json` there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from ipgo.data import PromptDataModule
+from ipgo.module import IPGOModule
+
+
+class RunFolderExistsError(FileExistsError):
+    """A fresh run pointed at a folder that already holds a finished run."""
+
+
+class IPGOCLI(LightningCLI):
+    """LightningCLI with ipgo's run-folder conventions and a `--ckpt_path` to resume."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--ckpt_path", type=str | None, default=None,
+            help="Resume from this checkpoint; 'last' resumes the run folder's checkpoints/last.ckpt.",
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        config = self._get(self.config_init, "trainer", default={})
+        run_dir = Path(config.get("default_root_dir") or "runs/ipgo")
+        if config.get("logger") in (None, True):
+            kwargs["logger"] = [
+                CSVLogger(save_dir=str(run_dir), name="", version=""),
+                TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""),
+            ]
+        kwargs["default_root_dir"] = str(run_dir)
+        return super().instantiate_trainer(**kwargs)
+
+
+def trainer_defaults() -> dict[str, Any]:
+    return {
+        "default_root_dir": "runs/ipgo",
+        "log_every_n_steps": 1,
+        "num_sanity_val_steps": 0,
+        "callbacks": [
+            ModelCheckpoint(save_last=True, save_top_k=0, every_n_epochs=1),
+            LearningRateMonitor(logging_interval="step"),
+        ],
+    }
+
+
+def main(args: list[str] | None = None) -> IPGOCLI:
+    """Parse the command line (or `args`), then fit; returns the CLI (its trainer, model, datamodule)."""
+    cli = IPGOCLI(
+        IPGOModule,
+        PromptDataModule,
+        run=False,
+        args=args,
+        trainer_defaults=trainer_defaults(),
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "Learn IPGO prefix/suffix tokens for a frozen text-to-image model."},
+    )
+    run_dir = Path(cli.trainer.default_root_dir)
+    ckpt_path = cli.config.get("ckpt_path")
+    if ckpt_path is None and (run_dir / "tokens.safetensors").exists():
+        raise RunFolderExistsError(
+            f"{run_dir} already holds a finished run (tokens.safetensors). Choose a new folder with "
+            "--trainer.default_root_dir, or resume with --ckpt_path last."
+        )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    return cli

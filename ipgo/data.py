@@ -1,0 +1,141 @@
+"""Prompt files and the PromptDataModule.
+
+Prompt files: `.txt` (one prompt per line, blank lines skipped), `.csv` and `.jsonl` (one
+prompt per row, read from `column`; "prompt" when not given).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used."""
+
+
+def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
+    """Prompts from a .txt, .csv or .jsonl file, in file order."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PromptFileError(f"prompt file {str(path)!r} does not exist; pass --data.prompts PATH")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        if column is not None:
+            raise PromptFileError(f"{path.name} is a .txt file (one prompt per line): remove data.column")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    elif suffix in (".csv", ".jsonl"):
+        rows = _rows(path, suffix)
+        key = column or "prompt"
+        if rows and key not in rows[0]:
+            raise PromptFileError(
+                f"{path.name} has no column {key!r}; its columns are {sorted(rows[0])}. "
+                "Choose one with --data.column NAME"
+            )
+        prompts = [str(row.get(key) or "").strip() for row in rows]
+    else:
+        raise PromptFileError(f"unsupported prompt file type {path.suffix!r}: use .txt, .csv or .jsonl")
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise PromptFileError(f"prompt file {str(path)!r} has no prompts: add one prompt per line (or row)")
+    return prompts
+
+
+def _rows(path: Path, suffix: str) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise PromptFileError(f"{path.name} line {number} is not valid JSON: {error.msg}") from None
+    return rows
+
+
+class PromptDataset(Dataset):
+    """Items {"index": position in the prompt list, "prompt": text}."""
+
+    def __init__(self, prompts: list[str], indices: list[int]) -> None:
+        self.prompts = prompts
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"index": self.indices[i], "prompt": self.prompts[i]}
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts to optimise for, with an optional held-out validation split.
+
+    Args:
+        prompts: path of a .txt, .csv or .jsonl prompt file.
+        column: column holding the prompt in .csv/.jsonl files (default "prompt").
+        batch_size: prompts per optimisation step (prompt-wise: optimised together, each with
+            its own tokens; prompt-batch: one step of the shared tokens).
+        val_fraction: share of prompts held out for validation (prompt-batch only).
+        shuffle: shuffle training prompts every epoch (prompt-batch).
+        split_seed: seed of the train/validation split.
+        limit: use only the first `limit` prompts of the file.
+    """
+
+    def __init__(
+        self,
+        prompts: str,
+        column: str | None = None,
+        batch_size: int = 4,
+        val_fraction: float = 0.0,
+        shuffle: bool = False,
+        split_seed: int = 0,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.path = prompts
+        self.column = column
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.shuffle = shuffle
+        self.split_seed = split_seed
+        self.limit = limit
+        self.train_prompts: list[str] = []
+        self.val_prompts: list[str] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_prompts:
+            return
+        prompts = read_prompts(self.path, self.column)[: self.limit]
+        order = list(range(len(prompts)))
+        n_val = round(len(prompts) * self.val_fraction)
+        if self.val_fraction and (n_val == 0 or n_val == len(prompts)):
+            raise ValueError(
+                f"val_fraction={self.val_fraction} of {len(prompts)} prompts leaves an empty split; "
+                "use more prompts or another fraction"
+            )
+        random.Random(self.split_seed).shuffle(order)
+        val = set(order[:n_val])
+        self.train_prompts = [p for i, p in enumerate(prompts) if i not in val]
+        self.val_prompts = [p for i, p in enumerate(prompts) if i in val]
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = PromptDataset(self.train_prompts, list(range(len(self.train_prompts))))
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=self.shuffle)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_prompts:
+            return []
+        dataset = PromptDataset(self.val_prompts, list(range(len(self.val_prompts))))
+        return DataLoader(dataset, batch_size=self.batch_size)

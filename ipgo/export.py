@@ -1,0 +1,217 @@
+"""Token files and their use in ordinary diffusers pipelines.
+
+A token file is a `.safetensors` file holding the learned tokens as vectors in the text
+encoder's output space:
+
+    prefix  (n_prefix, D)  suffix  (n_suffix, D)         one shared set (prompt-batch)
+    prefix  (N, n_prefix, D)  suffix  (N, n_suffix, D)   one set per prompt (prompt-wise)
+
+and string metadata: format and version, method, mode, model family, base model, hidden
+size, sequence layout, too-long policy, token counts, rewards, sampler settings, training
+seeds, ipgo version, and (prompt-wise) the prompts in order. Such tokens cannot be written
+as textual inversion (that format is for the *input* embedding table); they reach a
+pipeline through `prompt_embeds` / `negative_prompt_embeds`, built by `token_embeds`:
+
+    pipe = StableDiffusionPipeline.from_pretrained(...)
+    ipgo.apply_tokens(pipe, "runs/demo/tokens.safetensors")
+    image = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0)).images[0]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ipgo.backbones.sd import StableDiffusion
+from ipgo.files import atomic_path
+from ipgo.inject import conditioning
+
+FORMAT = "ipgo-tokens"
+FORMAT_VERSION = "1"
+
+
+class TokenFileError(ValueError):
+    """A token file that is unreadable or does not fit the pipeline it is applied to."""
+
+
+@dataclass
+class TokenFile:
+    """Learned tokens and what they were made for."""
+
+    prefix: Tensor
+    suffix: Tensor
+    family: str
+    base_model: str
+    hidden_size: int
+    layout: str = "padded"
+    too_long: str = "error"
+    mode: str = "prompt-batch"
+    prompts: list[str] | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+    """Further metadata (rewards, sampler, seeds, versions) kept as strings."""
+
+    @property
+    def per_prompt(self) -> bool:
+        return self.prompts is not None
+
+    def tokens_for(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Prefix (B, n_p, D) and suffix (B, n_s, D) for these prompts."""
+        if not self.per_prompt:
+            b = len(prompts)
+            return self.prefix.expand(b, -1, -1), self.suffix.expand(b, -1, -1)
+        position = {p: i for i, p in enumerate(self.prompts)}
+        unknown = [p for p in prompts if p not in position]
+        if unknown:
+            known = ", ".join(repr(p) for p in self.prompts[:3])
+            raise TokenFileError(
+                f"this prompt-wise token file has no tokens for {unknown[0]!r}; it was trained for "
+                f"{len(self.prompts)} prompts ({known}, ...). Use one of those prompts exactly, or a "
+                "prompt-batch token file for new prompts."
+            )
+        index = torch.tensor([position[p] for p in prompts])
+        return self.prefix[index], self.suffix[index]
+
+    def check_fits(self, family: str, hidden_size: int, model: str = "") -> None:
+        """Raise a clear error if the tokens were made for another kind of model."""
+        if family != self.family or hidden_size != self.hidden_size:
+            raise TokenFileError(
+                f"these tokens were made for a {self.family!r} model with hidden size {self.hidden_size} "
+                f"(base model {self.base_model!r}), but the pipeline is a {family!r} model with hidden "
+                f"size {hidden_size}{f' ({model!r})' if model else ''}. Use a token file trained for "
+                "this model family and text encoder."
+            )
+
+
+def save_tokens(path: str | os.PathLike, tokens: TokenFile) -> Path:
+    """Write a token file atomically."""
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": "ipgo",
+        "family": tokens.family,
+        "base_model": tokens.base_model,
+        "hidden_size": str(tokens.hidden_size),
+        "layout": tokens.layout,
+        "too_long": tokens.too_long,
+        "mode": tokens.mode,
+        "n_prefix": str(tokens.prefix.shape[-2]),
+        "n_suffix": str(tokens.suffix.shape[-2]),
+        **tokens.extra,
+    }
+    if tokens.prompts is not None:
+        metadata["prompts"] = json.dumps(tokens.prompts)
+    tensors = {
+        "prefix": tokens.prefix.detach().float().cpu().contiguous(),
+        "suffix": tokens.suffix.detach().float().cpu().contiguous(),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def load_tokens(path: str | os.PathLike) -> TokenFile:
+    """Read a token file written by `save_tokens`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "tokens.safetensors"
+    if not path.is_file():
+        raise TokenFileError(f"token file {str(path)!r} does not exist (a run folder holds tokens.safetensors)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise TokenFileError(f"{str(path)!r} is not a readable safetensors file: {error}") from error
+    if metadata.get("format") != FORMAT or "prefix" not in tensors or "suffix" not in tensors:
+        raise TokenFileError(f"{str(path)!r} is not an ipgo token file (no {FORMAT!r} metadata)")
+    if metadata["format_version"] != FORMAT_VERSION:
+        raise TokenFileError(
+            f"{str(path)!r} has token-file format {metadata['format_version']}; this ipgo reads "
+            f"{FORMAT_VERSION}. Upgrade ipgo."
+        )
+    known = {"format", "format_version", "family", "base_model", "hidden_size", "layout", "too_long", "mode",
+             "prompts", "n_prefix", "n_suffix"}
+    return TokenFile(
+        prefix=tensors["prefix"],
+        suffix=tensors["suffix"],
+        family=metadata["family"],
+        base_model=metadata["base_model"],
+        hidden_size=int(metadata["hidden_size"]),
+        layout=metadata["layout"],
+        too_long=metadata["too_long"],
+        mode=metadata["mode"],
+        prompts=json.loads(metadata["prompts"]) if "prompts" in metadata else None,
+        extra={k: v for k, v in metadata.items() if k not in known},
+    )
+
+
+def _backbone_for(pipe: Any) -> StableDiffusion:
+    if not all(hasattr(pipe, name) for name in ("tokenizer", "text_encoder", "unet", "vae")):
+        raise TokenFileError(f"{type(pipe).__name__} is not a Stable Diffusion 1.x/2.x pipeline")
+    return StableDiffusion.from_pipeline(pipe)
+
+
+@torch.no_grad()
+def token_embeds(
+    pipe: Any,
+    tokens: TokenFile | str | os.PathLike,
+    prompt: str | Sequence[str],
+    negative_prompt: str | Sequence[str] | None = None,
+) -> dict[str, Tensor]:
+    """`prompt_embeds` and `negative_prompt_embeds` for `pipe(...)` with the learned tokens applied."""
+    tokens = tokens if isinstance(tokens, TokenFile) else load_tokens(tokens)
+    backbone = _backbone_for(pipe)
+    tokens.check_fits(backbone.family, int(pipe.text_encoder.config.hidden_size), backbone.model)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = None
+    if negative_prompt is not None:
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    prefix, suffix = tokens.tokens_for(prompts)
+    device = pipe.text_encoder.device
+    cond, uncond, _ = conditioning(
+        backbone, prompts, prefix.to(device), suffix.to(device), tokens.layout, tokens.too_long, negatives
+    )
+    dtype = pipe.text_encoder.dtype
+    return {"prompt_embeds": cond.to(dtype), "negative_prompt_embeds": uncond.to(dtype)}
+
+
+def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
+    """Make `pipe(prompt, ...)` use the learned tokens; `remove_tokens(pipe)` undoes it. Returns `pipe`."""
+    tokens = tokens if isinstance(tokens, TokenFile) else load_tokens(tokens)
+    _backbone_for(pipe)
+    tokens.check_fits(StableDiffusion.family, int(pipe.text_encoder.config.hidden_size))
+    remove_tokens(pipe)
+    original = pipe.encode_prompt
+
+    def encode_prompt(prompt: Any, device: Any, num_images_per_prompt: int, do_classifier_free_guidance: bool,
+                      negative_prompt: Any = None, prompt_embeds: Tensor | None = None,
+                      negative_prompt_embeds: Tensor | None = None, **kwargs: Any) -> Any:
+        if prompt_embeds is None and prompt is not None:
+            embeds = token_embeds(pipe, tokens, prompt, negative_prompt)
+            prompt_embeds = embeds["prompt_embeds"]
+            if negative_prompt_embeds is None:
+                negative_prompt_embeds = embeds["negative_prompt_embeds"]
+            prompt = negative_prompt = None
+        return original(prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+                        prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, **kwargs)
+
+    pipe.encode_prompt = encode_prompt
+    pipe._ipgo_original_encode_prompt = original
+    return pipe
+
+
+def remove_tokens(pipe: Any) -> Any:
+    """Undo `apply_tokens`. Returns `pipe`."""
+    original = pipe.__dict__.pop("_ipgo_original_encode_prompt", None)
+    if original is not None:
+        pipe.__dict__.pop("encode_prompt", None)
+    return pipe

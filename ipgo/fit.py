@@ -1,0 +1,6 @@
+"""`python -m ipgo.fit --config configs/demo.yaml`: learn tokens (a thin launcher; see `ipgo.cli`)."""
+
+from ipgo.cli import main
+
+if __name__ == "__main__":
+    main()

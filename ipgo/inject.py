@@ -1,0 +1,109 @@
+"""How learned tokens join a prompt's encoder output, and the conformity penalty.
+
+The text encoder runs on the prompt padded to the model's length S (77 for CLIP), giving
+states h (S x D); the first L of them are the prompt's real tokens (BOS, words, EOS), the
+rest the states of padding. With a prefix P (n_p x D) and a suffix Q (n_s x D) the
+conditioning sequence is
+
+    cond = [ P ; h[:L] ; Q ; h[L : L + total - n_p - L - n_s] ]      (length `total`)
+
+`layout="padded"` keeps total = S, the length the denoiser was trained with.
+`layout="unpadded"` (the published notebook) uses total = n_p + L + n_s, for a batch the
+longest such length; shorter rows are filled with their own padding states. Either way
+n_p + L + n_s <= S must hold (the backbone truncates or rejects longer prompts).
+
+Classifier-free guidance uses the empty prompt's states with no learned tokens, cut to
+the same length: uncond = h_empty[:total].
+
+Conformity (a soft penalty) keeps the token-mean of [P ; h[:L] ; Q] near that of h[:L]:
+
+    conformity = mean_d | mean_tokens([P ; h[:L] ; Q]) - mean_tokens(h[:L]) |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ipgo.backbones.base import Backbone, PromptEmbeds, TooLong
+
+Layout = Literal["padded", "unpadded"]
+
+
+def sequence_length(lengths: Tensor, n_prefix: int, n_suffix: int, max_length: int, layout: Layout) -> int:
+    """Length of the conditioning sequence for prompts with `lengths` real tokens."""
+    if layout == "padded":
+        return max_length
+    if layout == "unpadded":
+        return n_prefix + int(lengths.max()) + n_suffix
+    raise ValueError(f"unknown layout {layout!r}; choose 'padded' or 'unpadded'")
+
+
+def inject(hidden: Tensor, lengths: Tensor, prefix: Tensor, suffix: Tensor, total: int) -> Tensor:
+    """Build the conditioning sequence (B, total, D); see the module docstring.
+
+    Args:
+        hidden: prompt states (B, S, D) over the padded sequence.
+        lengths: real tokens per prompt (B,), BOS and EOS included.
+        prefix: (B, n_p, D) learned prefix tokens.
+        suffix: (B, n_s, D) learned suffix tokens.
+        total: output length, at least n_p + max(lengths) + n_s and at most n_p + S + n_s.
+    """
+    n_p, n_s = prefix.shape[1], suffix.shape[1]
+    if n_p + int(lengths.max()) + n_s > total:
+        raise ValueError(f"{n_p} + {int(lengths.max())} + {n_s} tokens do not fit in a sequence of {total}")
+    source = torch.cat([prefix.to(hidden.dtype), suffix.to(hidden.dtype), hidden], dim=1)  # (B, n_p+n_s+S, D)
+    pos = torch.arange(total, device=hidden.device).unsqueeze(0)  # (1, total)
+    length = lengths.to(hidden.device).unsqueeze(1)  # (B, 1)
+    offset = n_p + n_s  # where `hidden` starts inside `source`
+    index = torch.where(
+        pos < n_p,
+        pos,  # prefix
+        torch.where(
+            pos < n_p + length,
+            offset + pos - n_p,  # prompt's real tokens
+            torch.where(pos < n_p + length + n_s, n_p + pos - n_p - length, offset + pos - n_p - n_s),
+        ),  # suffix, then the padding states that follow the real tokens
+    )
+    return torch.gather(source, 1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def conformity(hidden: Tensor, lengths: Tensor, prefix: Tensor, suffix: Tensor) -> Tensor:
+    """Per-prompt conformity penalty (B,); see the module docstring."""
+    length = lengths.to(hidden.device)
+    real = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0) < length.unsqueeze(1)
+    prompt_sum = (hidden.float() * real.unsqueeze(-1)).sum(dim=1)  # (B, D)
+    prompt_mean = prompt_sum / length.unsqueeze(1)
+    n_total = length + prefix.shape[1] + suffix.shape[1]
+    full_mean = (prompt_sum + prefix.float().sum(1) + suffix.float().sum(1)) / n_total.unsqueeze(1)
+    return (full_mean - prompt_mean).abs().mean(dim=-1)
+
+
+def conditioning(
+    backbone: Backbone,
+    prompts: Sequence[str],
+    prefix: Tensor,
+    suffix: Tensor,
+    layout: Layout = "padded",
+    too_long: TooLong = "error",
+    negative_prompts: Sequence[str] | None = None,
+) -> tuple[Tensor, Tensor, PromptEmbeds]:
+    """Conditioning (B, total, D), unconditional states (B, total, D) and the prompts' embeddings.
+
+    The one place that turns prompts plus tokens into denoiser inputs: training, rendering
+    and the diffusers integration all call it. Zero-length prefix and suffix with the padded
+    layout give exactly the plain pipeline's embeddings.
+    """
+    n_p, n_s = prefix.shape[1], suffix.shape[1]
+    embeds = backbone.encode(prompts, reserved=n_p + n_s, too_long=too_long)
+    total = sequence_length(embeds.lengths, n_p, n_s, backbone.max_length, layout)
+    device = embeds.hidden.device
+    cond = inject(embeds.hidden, embeds.lengths, prefix.to(device), suffix.to(device), total)
+    if negative_prompts is None:
+        uncond = backbone.encode([""]).hidden[:, :total].expand(len(prompts), -1, -1)
+    else:
+        uncond = backbone.encode(negative_prompts, too_long="truncate").hidden[:, :total]
+    return cond, uncond, embeds

@@ -1,0 +1,321 @@
+"""IPGOModule: IPGO's optimisation loop as a LightningModule.
+
+For a batch of prompts, with learned prefix/suffix tokens (see `tokens.py`, `inject.py`):
+
+    images_i = TruncatedSampler(conditioning(prompt_i, tokens_i), noise(seed))   for each seed
+    loss_i   = -mean_seeds reward(images_i, prompt_i) + lambda · conformity_i
+
+prompt-wise: every prompt has its own token set; the batch loss is the *sum* of loss_i, so
+each set receives exactly the gradient of its own one-prompt run, is clipped on its own,
+and keeps its own best tokens. One epoch is one optimisation step of every prompt.
+prompt-batch: one shared set; the batch loss is the mean of loss_i; prompts held out in
+the data module's validation split measure generalisation.
+
+Only token parameters are trained and checkpointed; frozen parts load in `configure_model`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ipgo.backbones.base import Backbone, TooLong
+from ipgo.backbones.sd import check_prompt_lengths
+from ipgo.inject import Layout, conditioning, conformity
+from ipgo.rewards.base import Reward
+from ipgo.sampling import SamplerConfig, TruncatedSampler, initial_noise
+from ipgo.tokens import TokenConfig, TokenSets
+
+Mode = Literal["prompt-wise", "prompt-batch"]
+
+
+@dataclass
+class SeedConfig:
+    """Noise seeds for optimisation and for held-out renders."""
+
+    train: list[int] = field(default_factory=lambda: [0])
+    """Seeds used while optimising; each prompt is rendered once per seed in every step."""
+    policy: Literal["fixed", "fresh"] = "fixed"
+    """fixed: the same noise in every step; fresh: new noise each epoch, derived from the train seeds."""
+    eval: list[int] = field(default_factory=lambda: [1000, 1001])
+    """Held-out seeds for before/after renders and validation; never used in optimisation."""
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ValueError("seeds.train is empty: give at least one seed")
+        if set(self.train) & set(self.eval):
+            raise ValueError(
+                f"seeds.eval {sorted(set(self.train) & set(self.eval))} are also training seeds; held-out "
+                "seeds must differ from seeds.train"
+            )
+
+    def for_items(self, indices: Sequence[int], epoch: int) -> list[int]:
+        """Seeds of the images of a batch, prompt-major (prompt 0 with every seed first)."""
+        if self.policy == "fixed":
+            return [s for _ in indices for s in self.train]
+        # Python's hash of a tuple of ints is not salted: the same triple gives the same seed in every run.
+        return [hash((s, epoch, int(i))) % 2**31 for i in indices for s in self.train]
+
+
+class BestTokens(nn.Module):
+    """Per-prompt best reward seen during optimisation and the tokens that reached it."""
+
+    def __init__(self, num_prompts: int, n_prefix: int, n_suffix: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("reward", torch.full((num_prompts,), -torch.inf))
+        self.register_buffer("prefix", torch.zeros(num_prompts, n_prefix, dim))
+        self.register_buffer("suffix", torch.zeros(num_prompts, n_suffix, dim))
+
+    @torch.no_grad()
+    def update(self, index: Tensor, reward: Tensor, prefix: Tensor, suffix: Tensor) -> None:
+        index = index.to(self.reward.device)
+        better = reward.detach().to(self.reward.device) > self.reward[index]
+        rows = index[better]
+        self.reward[rows] = reward.detach().to(self.reward.device)[better]
+        self.prefix[rows] = prefix.detach().float()[better]
+        self.suffix[rows] = suffix.detach().float()[better]
+
+
+class IPGOModule(L.LightningModule):
+    """Learns prefix/suffix tokens for a frozen text-to-image model by backpropagating a reward.
+
+    Args:
+        backbone: the frozen model family adapter (e.g. `ipgo.backbones.StableDiffusion`).
+        reward: the reward to maximise (e.g. `ipgo.rewards.ClipScore`).
+        mode: "prompt-wise" (a token set per prompt) or "prompt-batch" (one shared set).
+        tokens: shape, constraints and init of the token sets.
+        layout: "padded" (sequence of the model's length) or "unpadded" (the notebook's).
+        too_long: a prompt that does not fit beside the tokens: "error" or "truncate" (with a warning).
+        sampler: scheduler, steps, gradient steps, guidance and image size.
+        seeds: training and held-out noise seeds.
+        conformity_weight: weight lambda of the conformity penalty.
+        grad_clip: clip each token set's gradient norm to this (None: no clipping).
+        optimizer: optimiser over the token parameters.
+        lr_scheduler: optional learning-rate schedule.
+        lr_interval: step the schedule every "epoch" (prompt-wise: every step of each prompt) or "step".
+        select: prompt-wise export of the "best" tokens seen (on the training seeds) or the "last".
+        report_prompts: prompts rendered before/after on the held-out seeds at the end of fit.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        reward: Reward,
+        mode: Mode = "prompt-wise",
+        tokens: TokenConfig = TokenConfig(),
+        layout: Layout = "padded",
+        too_long: TooLong = "error",
+        sampler: SamplerConfig = SamplerConfig(),
+        seeds: SeedConfig = SeedConfig(),
+        conformity_weight: float = 1e-3,
+        grad_clip: float | None = 1.0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_interval: Literal["epoch", "step"] = "epoch",
+        select: Literal["best", "last"] = "best",
+        report_prompts: int = 8,
+    ) -> None:
+        super().__init__()
+        if mode not in ("prompt-wise", "prompt-batch"):
+            raise ValueError(f"unknown mode {mode!r}; choose 'prompt-wise' or 'prompt-batch'")
+        self.save_hyperparameters(ignore=["backbone", "reward", "optimizer", "lr_scheduler"])
+        self.backbone = backbone
+        self.reward = reward
+        self.mode = mode
+        self.token_config = tokens
+        self.layout = layout
+        self.too_long = too_long
+        self.sampler_config = sampler
+        self.sampler = TruncatedSampler(sampler)
+        self.seeds = seeds
+        self.conformity_weight = conformity_weight
+        self.grad_clip = grad_clip
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_interval = lr_interval
+        self.select = select
+        self.report_prompts = report_prompts
+        self.strict_loading = False  # checkpoints hold only the tokens
+        self.tokens: TokenSets | None = None
+        self.best: BestTokens | None = None
+        self.prompts: list[str] = []
+        self.val_prompts: list[str] = []
+
+    # -- set-up ---------------------------------------------------------------------------
+    @property
+    def prompt_wise(self) -> bool:
+        return self.mode == "prompt-wise"
+
+    def prepare(self, train_prompts: Sequence[str], val_prompts: Sequence[str] = ()) -> None:
+        """Check every prompt against the tokenizer, then load the weights and build the tokens."""
+        if self.tokens is not None:
+            return
+        if self.prompt_wise and val_prompts:
+            raise ValueError(
+                "prompt-wise tokens are made for their own prompts, so a validation split has nothing to "
+                "measure: set data.val_fraction=0 (held-out seeds are in model.seeds.eval)"
+            )
+        self.backbone.load_tokenizer()
+        all_prompts = list(train_prompts) + list(val_prompts)
+        reserved = self.token_config.n_prefix + self.token_config.n_suffix
+        budget = self.backbone.max_length - reserved
+        check_prompt_lengths(all_prompts, self.backbone.token_lengths(all_prompts), budget, reserved, self.too_long)
+        self.backbone.load()
+        self.reward.load()
+        self.prompts = list(train_prompts)
+        self.val_prompts = list(val_prompts)
+        dim = self.backbone.hidden_size
+        self.tokens = TokenSets(self.token_config, dim, len(self.prompts) if self.prompt_wise else 1)
+        if self.prompt_wise:
+            self.best = BestTokens(len(self.prompts), self.token_config.n_prefix, self.token_config.n_suffix, dim)
+
+    def configure_model(self) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise ValueError("IPGOModule needs a PromptDataModule: pass datamodule=... to trainer.fit")
+        self.prepare(datamodule.train_prompts, datamodule.val_prompts)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.tokens.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_interval}}
+
+    def on_fit_start(self) -> None:
+        if self.prompt_wise and self.trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "prompt-wise optimisation steps each prompt's own tokens every epoch; gradient accumulation "
+                "does not apply: remove trainer.accumulate_grad_batches"
+            )
+
+    # -- checkpoints hold only what is trained ---------------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in state.items() if k.startswith(("tokens.", "best."))}
+
+    # -- the loop -----------------------------------------------------------------------------
+    def token_vectors(self, set_ids: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Current prefix (B, n_p, D) and suffix (B, n_s, D) of the given token sets."""
+        return self.tokens(set_ids)
+
+    def _set_ids(self, index: Tensor) -> Tensor:
+        return index if self.prompt_wise else torch.zeros_like(index)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        prompts, index = list(batch["prompt"]), batch["index"]
+        prefix, suffix = self.token_vectors(self._set_ids(index))
+        cond, uncond, embeds = conditioning(self.backbone, prompts, prefix, suffix, self.layout, self.too_long)
+        n_seeds = len(self.seeds.train)
+        noise = initial_noise(
+            self.backbone, self.sampler_config, self.seeds.for_items(index.tolist(), self.current_epoch), self.device
+        )
+        images = self.sampler(
+            self.backbone, cond.repeat_interleave(n_seeds, 0), uncond.repeat_interleave(n_seeds, 0), noise
+        )
+        rewards = self.reward(images, [p for p in prompts for _ in range(n_seeds)]).view(len(prompts), n_seeds)
+        self._check_finite(rewards, prompts)
+        reward = rewards.mean(dim=1)  # (B,)
+        penalty = conformity(embeds.hidden, embeds.lengths, prefix, suffix)
+        losses = -reward + self.conformity_weight * penalty
+        loss = losses.sum() if self.prompt_wise else losses.mean()
+        if self.best is not None:
+            self.best.update(index, reward, prefix, suffix)
+        size = len(prompts)
+        self.log("train/reward", reward.mean(), prog_bar=True, batch_size=size, on_step=True, on_epoch=True)
+        self.log("train/conformity", penalty.mean(), batch_size=size, on_epoch=True)
+        self.log("train/loss", losses.mean(), batch_size=size, on_epoch=True)
+        return loss
+
+    def _check_finite(self, rewards: Tensor, prompts: Sequence[str]) -> None:
+        bad = ~torch.isfinite(rewards).all(dim=1)
+        if bad.any():
+            prompt = prompts[int(bad.nonzero()[0])]
+            raise FloatingPointError(
+                f"reward {self.reward.name!r} is NaN or infinite for prompt {prompt!r} at step {self.global_step}. "
+                "With float16 weights this is usually an overflow: use backbone dtype bfloat16 or float32, or a "
+                "lower learning rate."
+            )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.grad_clip is not None:
+            norms = self.tokens.clip_grad_norm_per_set_(self.grad_clip)
+            if norms.numel():
+                self.log("train/grad_norm", norms.mean(), on_step=True, on_epoch=False)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.tokens.project_()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        prompts = list(batch["prompt"])
+        prefix, suffix = self.token_vectors(torch.zeros(len(prompts), dtype=torch.long))
+        rewards = self.score(prompts, self.seeds.eval, prefix, suffix)
+        self.log("val/reward", rewards.mean(), batch_size=rewards.numel(), prog_bar=True)
+
+    # -- rendering -------------------------------------------------------------------------
+    @torch.no_grad()
+    def render(
+        self, prompts: Sequence[str], seeds: Sequence[int], prefix: Tensor | None = None,
+        suffix: Tensor | None = None,
+    ) -> Tensor:
+        """Images (len(prompts) * len(seeds), 3, H, W), prompt-major; no tokens renders the raw prompt."""
+        if prefix is None:
+            dim = self.backbone.hidden_size
+            prefix = suffix = torch.zeros(len(prompts), 0, dim, device=self.device)
+            layout, too_long = "padded", "truncate"
+        else:
+            layout, too_long = self.layout, self.too_long
+        cond, uncond, _ = conditioning(self.backbone, prompts, prefix, suffix, layout, too_long)
+        n = len(seeds)
+        noise = initial_noise(self.backbone, self.sampler_config, [s for _ in prompts for s in seeds], self.device)
+        return self.sampler(self.backbone, cond.repeat_interleave(n, 0), uncond.repeat_interleave(n, 0), noise)
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], seeds: Sequence[int], prefix: Tensor | None = None,
+              suffix: Tensor | None = None) -> Tensor:
+        """Reward (len(prompts), len(seeds)) of renders of the prompts."""
+        images = self.render(prompts, seeds, prefix, suffix)
+        rewards = self.reward(images, [p for p in prompts for _ in seeds])
+        return rewards.view(len(prompts), len(seeds))
+
+    def export_vectors(self) -> tuple[Tensor, Tensor]:
+        """The tokens to export: per prompt (N, n, D) for prompt-wise, shared (n, D) for prompt-batch."""
+        with torch.no_grad():
+            if not self.prompt_wise:
+                prefix, suffix = self.token_vectors([0])
+                return prefix[0], suffix[0]
+            prefix, suffix = self.token_vectors(range(len(self.prompts)))
+            if self.select == "best":
+                seen = torch.isfinite(self.best.reward).to(prefix.device)
+                prefix = torch.where(seen[:, None, None], self.best.prefix.to(prefix.device), prefix)
+                suffix = torch.where(seen[:, None, None], self.best.suffix.to(suffix.device), suffix)
+            return prefix, suffix
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            from ipgo.report import write_run_outputs
+
+            write_run_outputs(self, Path(self.trainer.default_root_dir))
+
+    def metadata(self) -> dict[str, str]:
+        """String metadata recorded in token files."""
+        import json
+
+        from ipgo import __version__
+
+        return {
+            "rewards": json.dumps([self.reward.name]),
+            "sampler": json.dumps(asdict(self.sampler_config)),
+            "seeds": json.dumps(asdict(self.seeds)),
+            "tokens": json.dumps(asdict(self.token_config)),
+            "select": self.select if self.prompt_wise else "last",
+            "ipgo_version": __version__,
+        }

@@ -1,0 +1,113 @@
+"""What a finished `ipgo.fit` run leaves in its folder: tokens, before/after grid, summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from ipgo.export import TokenFile, load_tokens, save_tokens
+from ipgo.files import atomic_path, write_text
+
+if TYPE_CHECKING:
+    from ipgo.module import IPGOModule
+
+
+def save_image_grid(images: Tensor, columns: int, path: Path) -> Path:
+    """Save images (N, 3, H, W) in [0, 1] as one PNG grid with `columns` columns, atomically."""
+    grid = make_grid(images.float().cpu(), nrow=columns, padding=2, pad_value=1.0)
+    array = (grid.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+    return path
+
+
+def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
+    """Export the tokens, render report prompts before/after on held-out seeds, write the summary."""
+    prefix, suffix = module.export_vectors()
+    token_file = TokenFile(
+        prefix=prefix,
+        suffix=suffix,
+        family=module.backbone.family,
+        base_model=module.backbone.model,
+        hidden_size=module.backbone.hidden_size,
+        layout=module.layout,
+        too_long=module.too_long,
+        mode=module.mode,
+        prompts=list(module.prompts) if module.prompt_wise else None,
+        extra=module.metadata(),
+    )
+    tokens_path = save_tokens(run_dir / "tokens.safetensors", token_file)
+    tokens = load_tokens(tokens_path)  # render from the file: the export is the single source of truth
+
+    held_out = list(module.val_prompts)
+    prompts = (held_out or list(module.prompts))[: module.report_prompts]
+    seeds = list(module.seeds.eval)
+    rows, before_scores, after_scores = [], [], []
+    for start in range(0, len(prompts), 4):
+        chunk = prompts[start : start + 4]
+        before = module.render(chunk, seeds)
+        p, s = tokens.tokens_for(chunk)
+        after = module.render(chunk, seeds, p.to(module.device), s.to(module.device))
+        repeated = [q for q in chunk for _ in seeds]
+        with torch.no_grad():
+            before_scores += module.reward(before, repeated).view(len(chunk), -1).mean(1).tolist()
+            after_scores += module.reward(after, repeated).view(len(chunk), -1).mean(1).tolist()
+        n = len(seeds)
+        for i in range(len(chunk)):
+            rows += [before[i * n : (i + 1) * n], after[i * n : (i + 1) * n]]
+    if rows:
+        save_image_grid(torch.cat(rows), 2 * len(seeds), run_dir / "before_after.png")
+
+    summary = {
+        "mode": module.mode,
+        "reward": module.reward.name,
+        "prompts_are": "held-out (validation split)" if held_out else "training prompts",
+        "seeds": seeds,
+        "seeds_are": "held-out (never used in optimisation)",
+        "per_prompt": [
+            {"prompt": q, "before": b, "after": a, "change": a - b}
+            for q, b, a in zip(prompts, before_scores, after_scores)
+        ],
+        "tokens": str(tokens_path),
+        "grid": "before_after.png" if rows else None,
+    }
+    if prompts:
+        summary["mean_before"] = sum(before_scores) / len(prompts)
+        summary["mean_after"] = sum(after_scores) / len(prompts)
+    if module.best is not None and torch.isfinite(module.best.reward).any():
+        summary["best_train_reward_mean"] = float(module.best.reward[torch.isfinite(module.best.reward)].mean())
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    text = summary_markdown(summary)
+    write_text(run_dir / "summary.md", text)
+    print("\n" + text)
+    return summary
+
+
+def summary_markdown(summary: dict) -> str:
+    """The summary as a small Markdown report (also printed at the end of a run)."""
+    lines = [
+        f"# ipgo run summary ({summary['mode']})",
+        "",
+        f"Reward `{summary['reward']}` on {summary['prompts_are']}, seeds {summary['seeds']} "
+        f"({summary['seeds_are']}); mean over seeds. This is the optimised reward: judge with held-out "
+        "rewards too (`ipgo.evaluate`).",
+        "",
+        "| prompt | before | after | change |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in summary["per_prompt"]:
+        shown = row["prompt"] if len(row["prompt"]) <= 50 else row["prompt"][:47] + "..."
+        lines.append(f"| {shown} | {row['before']:.4f} | {row['after']:.4f} | {row['change']:+.4f} |")
+    if "mean_before" in summary:
+        change = summary["mean_after"] - summary["mean_before"]
+        lines.append(f"| **mean** | {summary['mean_before']:.4f} | {summary['mean_after']:.4f} | {change:+.4f} |")
+    lines += ["", f"Tokens: `{summary['tokens']}`"]
+    if summary["grid"]:
+        lines.append(f"Grid (rows: prompt before, prompt after; columns: seeds): `{summary['grid']}`")
+    return "\n".join(lines) + "\n"

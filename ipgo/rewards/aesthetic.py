@@ -1,0 +1,116 @@
+"""LAION improved aesthetic predictor: a linear MLP on the normalised CLIP ViT-L/14 image embedding.
+
+The head is ``christophschuhmann/improved-aesthetic-predictor``'s ``sac+logos+ava1-l14-linearMSE.pth``
+(scores roughly 1-10). Its layers have no activations; the dropouts are inactive here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ipgo.rewards.base import ClipReward
+
+_HEAD_HINT = (
+    "Download sac+logos+ava1-l14-linearMSE.pth from "
+    "https://github.com/christophschuhmann/improved-aesthetic-predictor and pass its path."
+)
+
+
+class AestheticHead(nn.Module):
+    """The LAION MLP; state-dict keys ``layers.{0,2,4,6,7}.{weight,bias}``.
+
+    Args:
+        in_features: Width of the CLIP image embedding (768 for ViT-L/14).
+    """
+
+    def __init__(self, in_features: int = 768) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_features, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, embeddings: Tensor) -> Tensor:
+        """Map ``[B, in_features]`` embeddings to ``[B, 1]`` scores."""
+        return self.layers(embeddings)
+
+
+def load_head_state(path: str | Path) -> dict[str, Tensor]:
+    """Read and check a LAION aesthetic head state dict.
+
+    Args:
+        path: The ``.pth`` file.
+
+    Returns:
+        The state dict, every key and shape checked (the input width is whatever the file has).
+
+    Raises:
+        ValueError: On missing or unexpected keys, or a wrong shape (named with expected/found).
+    """
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    if not isinstance(state, Mapping):
+        found = type(state).__name__
+        raise ValueError(f"Aesthetic head {str(path)!r}: expected a state dict, found {found}.")
+    first = state.get("layers.0.weight")
+    width = first.shape[-1] if isinstance(first, Tensor) and first.ndim == 2 else 768
+    expected = {k: tuple(v.shape) for k, v in AestheticHead(width).state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"Aesthetic head {str(path)!r} is not a LAION head: missing keys {missing}, unexpected keys "
+            f"{unexpected}; expected {sorted(expected)}."
+        )
+    for key, shape in expected.items():
+        found = tuple(state[key].shape) if isinstance(state[key], Tensor) else type(state[key]).__name__
+        if found != shape:
+            raise ValueError(f"Aesthetic head {str(path)!r}: {key} has shape {found}, expected {shape}.")
+    return dict(state)
+
+
+class Aesthetic(ClipReward):
+    """LAION aesthetic score of images (prompts are ignored).
+
+    Args:
+        head: Local path of the head's ``.pth`` state dict.
+        clip_model: Hub id or local folder of the CLIP model whose image embeddings the head reads
+            (ViT-L/14 for the published head).
+    """
+
+    name = "aesthetic"
+
+    def __init__(self, head: str, clip_model: str = "openai/clip-vit-large-patch14") -> None:
+        super().__init__(clip_model)
+        path = Path(head).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"Aesthetic head {str(path)!r} is not a file. {_HEAD_HINT}")
+        self.head_path = str(path)
+        self.head: AestheticHead | None = None
+
+    def _load(self) -> None:
+        state = load_head_state(self.head_path)  # cheap, so a broken file fails before CLIP loads
+        width = state["layers.0.weight"].shape[1]
+        super()._load()
+        if width != self.projection_dim:
+            raise ValueError(
+                f"Aesthetic head {self.head_path!r} takes {width}-dim embeddings but the CLIP model "
+                f"{self.clip_model!r} gives {self.projection_dim}-dim ones; the LAION head needs "
+                "ViT-L/14 (768)."
+            )
+        head = AestheticHead(width)
+        head.load_state_dict(state)
+        self.head = head
+
+    def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        embeddings = F.normalize(self.image_features(images), dim=-1)
+        return self.head(embeddings.to(self.head.layers[0].weight.dtype)).squeeze(-1)

@@ -1,0 +1,238 @@
+"""The reward interface: frozen, differentiable scorers of images against their prompts.
+
+A reward maps images ``[B, 3, H, W]`` in ``[0, 1]`` and their prompts to scores ``[B]``;
+higher is better. Training minimises ``loss = -Σ weight · reward + penalties``, so gradients
+must reach the pixels: preprocessing is tensor-only (never PIL) and the weights are frozen.
+
+Weights are not loaded in ``__init__`` (building a config or ``--help`` stays cheap); only
+names and paths are stored and checked. ``load()`` reads them, on the module's current
+device and dtype, and may be called again at no cost.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+_WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors"}
+_CLIP_HINT = (
+    "Pass a Hub id (e.g. 'openai/clip-vit-large-patch14') or a folder made with save_pretrained "
+    "(config.json, weights, preprocessor_config.json, tokenizer files)."
+)
+
+
+class Reward(nn.Module):
+    """Base class: subclasses set ``name`` and implement ``_load`` and ``_score``."""
+
+    name: str = "reward"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loaded = False
+        # Moves with .to()/.half(), so weights loaded later land where the module already is.
+        self.register_buffer("_where", torch.empty(0), persistent=False)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether ``load()`` has run."""
+        return self._loaded
+
+    def load(self) -> None:
+        """Load the weights (once), frozen and in eval mode, on the module's device and dtype."""
+        if self._loaded:
+            return
+        self._load()
+        self.requires_grad_(False)
+        self.to(device=self._where.device, dtype=self._where.dtype)
+        self.eval()
+        self._loaded = True
+
+    def train(self, mode: bool = True) -> Reward:
+        """Stay in eval mode: a frozen reward never runs dropout, whatever its parent does."""
+        return super().train(False)
+
+    def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """Score images against their prompts.
+
+        Args:
+            images: ``[B, 3, H, W]`` in ``[0, 1]``; gradients flow back to them.
+            prompts: ``B`` prompts, one per image.
+
+        Returns:
+            ``[B]`` float32 scores, higher is better.
+        """
+        if not self._loaded:
+            raise RuntimeError(f"{type(self).__name__}: call .load() before scoring (weights load lazily).")
+        who = type(self).__name__
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{who}: expected images [B, 3, H, W] in [0, 1], got {tuple(images.shape)}.")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{who}: {images.shape[0]} images but {len(prompts)} prompts.")
+        return self._score(images, list(prompts)).float()
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        raise NotImplementedError
+
+
+class ClipReward(Reward):
+    """Base for rewards built on a transformers ``CLIPModel``: loading and image embeddings."""
+
+    def __init__(self, clip_model: str) -> None:
+        super().__init__()
+        self.clip_model = check_source(clip_model, "CLIP model", hint=_CLIP_HINT)
+        self.clip: CLIPModel | None = None
+        self.tokenizer: CLIPTokenizer | None = None
+        self._size = self._crop = 224
+        self._mean: Sequence[float] = ()
+        self._std: Sequence[float] = ()
+
+    def _load(self) -> None:
+        self.clip, processor, self.tokenizer = load_clip(self.clip_model)
+        size, crop = _size_value(processor.size, "shortest_edge"), _size_value(processor.crop_size, "height")
+        self._crop = crop or size or 224
+        self._size = size or self._crop
+        self._mean, self._std = tuple(processor.image_mean), tuple(processor.image_std)
+
+    @property
+    def projection_dim(self) -> int:
+        """Width of the CLIP embeddings (768 for ViT-L/14)."""
+        if self.clip is None:
+            raise RuntimeError(f"{type(self).__name__}: call .load() first.")
+        return int(self.clip.config.projection_dim)
+
+    def image_features(self, images: Tensor) -> Tensor:
+        """Projected CLIP image embeddings ``[B, D]`` (not normalised), differentiable in ``images``."""
+        pixels = differentiable_preprocess(images.float(), self._size, self._mean, self._std, self._crop)
+        return _vector(self.clip.get_image_features(pixel_values=pixels.to(self.clip.dtype)))
+
+
+def _size_value(size: object, key: str) -> int | None:
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return None if value is None else int(value)
+
+
+def _vector(output: object) -> Tensor:
+    """The embedding from ``get_*_features``: a tensor (transformers 4) or an output object (5)."""
+    return output if isinstance(output, Tensor) else output.pooler_output
+
+
+def differentiable_preprocess(
+    images: Tensor, size: int, mean: Sequence[float], std: Sequence[float], crop_size: int | None = None
+) -> Tensor:
+    """CLIP-style preprocessing with tensor ops only, so gradients reach the pixels.
+
+    Resizes the shortest side to ``size`` (bicubic, antialiased; the long side rounds down as
+    in ``CLIPImageProcessor``), centre-crops to ``crop_size`` (default ``size``) and normalises.
+
+    Args:
+        images: ``[B, 3, H, W]`` in ``[0, 1]``.
+        size: Target length of the shortest side.
+        mean: Per-channel mean.
+        std: Per-channel standard deviation.
+        crop_size: Side of the square centre crop; at most ``size``.
+
+    Returns:
+        ``[B, 3, crop_size, crop_size]`` normalised images, same dtype as ``images``.
+    """
+    crop = size if crop_size is None else crop_size
+    if crop > size:
+        raise ValueError(f"crop_size {crop} is larger than the resized shortest side {size}.")
+    h, w = images.shape[-2:]
+    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    if (new_h, new_w) != (h, w):
+        images = F.interpolate(images, (new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (new_h - crop) // 2, (new_w - crop) // 2
+    images = images[..., top : top + crop, left : left + crop]
+    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - mean_t) / std_t
+
+
+def looks_local(source: str | os.PathLike) -> bool:
+    """Whether ``source`` reads as a filesystem path rather than a Hub id like ``owner/name``."""
+    text = os.fspath(source)
+    return (
+        isinstance(source, Path)
+        or text.startswith(("/", ".", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or re.match(r"^[A-Za-z]:", text) is not None
+        or Path(text).suffix.lower() in _WEIGHT_SUFFIXES
+    )
+
+
+def check_source(source: str | os.PathLike, what: str, hint: str = "") -> str:
+    """Fail early on a local-looking path that does not exist; pass Hub ids through.
+
+    Args:
+        source: A Hub id or a local path.
+        what: What the source is for, used in the message.
+        hint: How to obtain the files, appended to the message.
+
+    Returns:
+        ``source`` as a string, with ``~`` expanded for local paths.
+
+    Raises:
+        FileNotFoundError: If ``source`` looks local and does not exist.
+    """
+    text = os.fspath(source)
+    if not looks_local(source):
+        return text
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: {str(path)!r} does not exist. {hint}".strip())
+    return str(path)
+
+
+def load_clip(model: str) -> tuple[CLIPModel, CLIPImageProcessor, CLIPTokenizer]:
+    """Load a transformers CLIP model with its image processor and tokenizer.
+
+    Honours ``HF_HUB_OFFLINE=1`` (no network then) and the local Hub cache.
+
+    Args:
+        model: A Hub id (``openai/clip-vit-large-patch14``) or a local folder.
+
+    Returns:
+        ``(model, processor, tokenizer)``; the model in eval mode, on CPU.
+
+    Raises:
+        OSError: If the files are not found, with the ways to provide them.
+    """
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    try:
+        clip = CLIPModel.from_pretrained(model)
+        processor = CLIPImageProcessor.from_pretrained(model)
+        tokenizer = CLIPTokenizer.from_pretrained(model)
+    except OSError as err:
+        raise OSError(_missing_model_message(model, err)) from err
+    # transformers 5 silently builds a 2-token tokenizer when no tokenizer files are found.
+    if len(tokenizer) <= 3:
+        raise OSError(_missing_model_message(model, "no tokenizer files (tokenizer.json / vocab.json)"))
+    return clip.eval(), processor, tokenizer
+
+
+def _missing_model_message(model: str, cause: object) -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE, is_offline_mode
+
+    where = f"the folder {model!r}" if looks_local(model) else f"the Hugging Face cache {HF_HUB_CACHE}"
+    offline = " (offline mode: HF_HUB_OFFLINE is set)" if is_offline_mode() else ""
+    return (
+        f"Could not load the CLIP model {model!r} from {where}{offline}: {cause}\n"
+        f"Provide it as a local folder holding config.json, the weights, preprocessor_config.json and the "
+        f"tokenizer files, or fetch it on a machine with internet with `huggingface-cli download {model}` "
+        f"and copy the cache (or set HF_HOME / HF_HUB_CACHE to it)."
+    )

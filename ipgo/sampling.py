@@ -1,0 +1,125 @@
+"""Truncated sampling: T scheduler steps, only the last K of them with autograd.
+
+    x_T = sigma_0 · noise                                   (noise from one seed per image)
+    for the first T - K timesteps, under torch.no_grad():   no graph is built at all
+        eps = eps_u + g · (eps_c - eps_u)                   classifier-free guidance, g > 1
+        x   = scheduler.step(eps, t, x)
+    for the last K timesteps, with autograd (as the caller's grad mode allows):
+        the same update, now differentiable w.r.t. the conditioning
+    image = clamp(VAE.decode(x / scaling) / 2 + 0.5, 0, 1)
+
+The unconditional and conditional branches run as one batch [uncond; cond], in that order,
+exactly as diffusers pipelines do, so a pipeline given the same embeddings and seeds
+renders the same image. Stateful schedulers (LMS, DPM-Solver++) get a fresh instance per
+trajectory; their stored history from the first T - K steps holds no graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+)
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+from ipgo.backbones.base import Backbone
+
+SchedulerName = Literal["ddim", "euler", "lms", "dpmpp_2m"]
+SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+
+
+def make_scheduler(name: str, config: dict[str, Any]) -> Any:
+    """A fresh diffusers scheduler of kind `name` built from a model's scheduler config."""
+    try:
+        cls, overrides = SCHEDULERS[name]
+    except KeyError:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}") from None
+    return cls.from_config(config, **overrides)
+
+
+@dataclass
+class SamplerConfig:
+    """How images are sampled during optimisation and rendering."""
+
+    scheduler: SchedulerName = "lms"
+    """Scheduler: ddim, euler, lms or dpmpp_2m (DPM-Solver++ 2M), built from the model's config."""
+    num_steps: int = 50
+    """Total denoising steps T."""
+    grad_steps: int = 2
+    """Last K steps that carry gradients (1 <= K <= T)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale; <= 1 turns guidance off."""
+    height: int = 512
+    """Image height in pixels."""
+    width: int = 512
+    """Image width in pixels."""
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if not 0 < self.grad_steps <= self.num_steps:
+            raise ValueError(f"need 0 < grad_steps <= num_steps, got {self.grad_steps} and {self.num_steps}")
+        if self.height < 8 or self.width < 8:
+            raise ValueError(f"height and width must be >= 8, got {self.height}x{self.width}")
+
+
+def initial_noise(backbone: Backbone, config: SamplerConfig, seeds: Sequence[int], device: Any) -> Tensor:
+    """Noise for one image per seed, drawn on the CPU (reproducible on any device)."""
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    shape = backbone.latent_shape(len(seeds), config.height, config.width)
+    return randn_tensor(shape, generator=generators, device=torch.device(device), dtype=backbone.dtype)
+
+
+class TruncatedSampler:
+    """Samples images from conditioning with gradients through the last K steps only."""
+
+    def __init__(self, config: SamplerConfig) -> None:
+        self.config = config
+
+    def __call__(self, backbone: Backbone, cond: Tensor, uncond: Tensor, noise: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1].
+
+        Args:
+            backbone: the loaded model.
+            cond: conditioning (B, S', D), differentiable.
+            uncond: unconditional states (B, S', D).
+            noise: initial noise (B, C, h, w) from `initial_noise`.
+        """
+        scheduler = make_scheduler(self.config.scheduler, backbone.scheduler_config)
+        scheduler.set_timesteps(self.config.num_steps, device=noise.device)
+        timesteps = scheduler.timesteps
+        n_free = len(timesteps) - self.config.grad_steps
+        guided = self.config.guidance_scale > 1
+        hidden = torch.cat([uncond, cond]) if guided else cond  # (2B or B, S', D)
+        latents = noise * scheduler.init_noise_sigma
+        with torch.no_grad():
+            frozen = hidden.detach()
+            for t in timesteps[:n_free]:
+                latents = self._step(backbone, scheduler, latents, t, frozen, guided)
+        for t in timesteps[n_free:]:
+            latents = self._step(backbone, scheduler, latents, t, hidden, guided)
+        return backbone.decode(latents)
+
+    def _step(self, backbone: Backbone, scheduler: Any, latents: Tensor, t: Tensor, hidden: Tensor,
+              guided: bool) -> Tensor:
+        model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+        prediction = backbone.denoise(model_input, t, hidden)
+        if guided:
+            uncond_pred, cond_pred = prediction.chunk(2)
+            prediction = uncond_pred + self.config.guidance_scale * (cond_pred - uncond_pred)
+        return scheduler.step(prediction, t, latents, return_dict=False)[0]
