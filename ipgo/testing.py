@@ -184,3 +184,26 @@ def tiny_aesthetic_head_path(root: str | os.PathLike | None = None) -> Path:
     """
     folder = _build_once(root, f"tiny-aesthetic-{_recipe_hash(_AESTHETIC_WIDTHS)}", _build_aesthetic_head)
     return folder / "aesthetic_head.pth"
+
+
+TINY_SOURCES: dict[str, Callable[[], Path]] = {
+    "tiny:sd1": tiny_sd_path,
+    "tiny:clip": tiny_clip_path,
+    "tiny:aesthetic-head": tiny_aesthetic_head_path,
+}
+"""Names that configs may use instead of a hub id or path: the tiny models above, built on first use."""
+
+
+def is_tiny(source: str | os.PathLike) -> bool:
+    """Whether `source` names a built-in tiny model ("tiny:..."); unknown tiny names raise."""
+    text = os.fspath(source)
+    if not text.startswith("tiny:"):
+        return False
+    if text not in TINY_SOURCES:
+        raise ValueError(f"unknown tiny model {text!r}; the built-in ones are {', '.join(TINY_SOURCES)}")
+    return True
+
+
+def resolve_source(source: str | os.PathLike) -> str:
+    """The local path of a "tiny:..." name (building it once, in the cache); other sources unchanged."""
+    return str(TINY_SOURCES[os.fspath(source)]()) if is_tiny(source) else os.fspath(source)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ipgo.rewards.base import ClipReward
+from ipgo.testing import is_tiny, resolve_source
 
 _HEAD_HINT = (
     "Download sac+logos+ava1-l14-linearMSE.pth from "
@@ -91,14 +92,17 @@ class Aesthetic(ClipReward):
 
     def __init__(self, head: str, clip_model: str = "openai/clip-vit-large-patch14") -> None:
         super().__init__(clip_model)
-        path = Path(head).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"Aesthetic head {str(path)!r} is not a file. {_HEAD_HINT}")
-        self.head_path = str(path)
+        if is_tiny(head):
+            self.head_path = head
+        else:
+            path = Path(head).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"Aesthetic head {str(path)!r} is not a file. {_HEAD_HINT}")
+            self.head_path = str(path)
         self.head: AestheticHead | None = None
 
     def _load(self) -> None:
-        state = load_head_state(self.head_path)  # cheap, so a broken file fails before CLIP loads
+        state = load_head_state(resolve_source(self.head_path))  # cheap, so a broken file fails before CLIP loads
         width = state["layers.0.weight"].shape[1]
         super()._load()
         if width != self.projection_dim:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ipgo.testing import is_tiny, resolve_source
+
 if TYPE_CHECKING:
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
@@ -189,7 +191,7 @@ def check_source(source: str | os.PathLike, what: str, hint: str = "") -> str:
         FileNotFoundError: If ``source`` looks local and does not exist.
     """
     text = os.fspath(source)
-    if not looks_local(source):
+    if is_tiny(text) or not looks_local(source):
         return text
     path = Path(text).expanduser()
     if not path.exists():
@@ -213,6 +215,7 @@ def load_clip(model: str) -> tuple[CLIPModel, CLIPImageProcessor, CLIPTokenizer]
     """
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
+    model = resolve_source(model)
     try:
         clip = CLIPModel.from_pretrained(model)
         processor = CLIPImageProcessor.from_pretrained(model)
@@ -233,6 +236,6 @@ def _missing_model_message(model: str, cause: object) -> str:
     return (
         f"Could not load the CLIP model {model!r} from {where}{offline}: {cause}\n"
         f"Provide it as a local folder holding config.json, the weights, preprocessor_config.json and the "
-        f"tokenizer files, or fetch it on a machine with internet with `huggingface-cli download {model}` "
-        f"and copy the cache (or set HF_HOME / HF_HUB_CACHE to it)."
+        f"tokenizer files, or fetch it on a machine with internet with `hf download {model}` (formerly "
+        f"`huggingface-cli download`) and copy the cache over (or point HF_HOME / HF_HUB_CACHE at it)."
     )

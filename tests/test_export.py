@@ -1,0 +1,88 @@
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+import ipgo
+from ipgo.backbones import StableDiffusion
+from ipgo.export import TokenFile, TokenFileError, load_tokens, save_tokens
+from ipgo.module import IPGOModule
+from ipgo.rewards import ClipScore
+from ipgo.sampling import SamplerConfig, make_scheduler
+from ipgo.tokens import TokenConfig
+
+PROMPTS = ["a red circle on the left", "a blue square"]
+
+
+def make_module(tiny_sd_dir, tiny_clip_dir, layout="padded", mode="prompt-wise", scheduler="lms"):
+    module = IPGOModule(
+        StableDiffusion(str(tiny_sd_dir)),
+        ClipScore(str(tiny_clip_dir)),
+        mode=mode,
+        tokens=TokenConfig(n_prefix=2, n_suffix=3, rank=4, init_scale=1.0),
+        layout=layout,
+        sampler=SamplerConfig(scheduler=scheduler, num_steps=4, grad_steps=1, guidance_scale=4.0, height=32,
+                              width=32),
+    )
+    module.prepare(PROMPTS)
+    return module
+
+
+def token_file(module):
+    prefix, suffix = module.export_vectors()
+    return TokenFile(prefix, suffix, family="sd", base_model=module.backbone.model,
+                     hidden_size=module.backbone.hidden_size, layout=module.layout, mode=module.mode,
+                     prompts=list(module.prompts) if module.prompt_wise else None)
+
+
+def pipeline(tiny_sd_dir, scheduler):
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir), local_files_only=True, safety_checker=None)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipe_images(pipe, prompts, seed, config):
+    return pipe(prompts, generator=[torch.Generator().manual_seed(seed) for _ in prompts],
+                num_inference_steps=config.num_steps, guidance_scale=config.guidance_scale, height=config.height,
+                width=config.width, output_type="pt").images
+
+
+@pytest.mark.parametrize(("layout", "mode", "scheduler"), [
+    ("padded", "prompt-wise", "lms"), ("unpadded", "prompt-wise", "ddim"), ("padded", "prompt-batch", "euler"),
+])
+def test_round_trip_gives_the_modules_image(tiny_sd_dir, tiny_clip_dir, tmp_path, layout, mode, scheduler):
+    module = make_module(tiny_sd_dir, tiny_clip_dir, layout, mode, scheduler)
+    path = save_tokens(tmp_path / "tokens.safetensors", token_file(module))
+    loaded = load_tokens(path)
+    assert loaded.layout == layout and loaded.mode == mode and loaded.hidden_size == 32
+
+    seed = 7
+    p, s = loaded.tokens_for(PROMPTS)
+    ours = module.render(PROMPTS, [seed], p, s)
+    pipe = ipgo.apply_tokens(pipeline(tiny_sd_dir, scheduler), path)
+    theirs = pipe_images(pipe, PROMPTS, seed, module.sampler_config)
+    assert torch.allclose(ours, theirs.float(), atol=1e-5)
+
+    raw = pipe_images(ipgo.remove_tokens(pipe), PROMPTS, seed, module.sampler_config)
+    assert torch.allclose(module.render(PROMPTS, [seed]), raw.float(), atol=1e-5)  # raw prompt, no tokens
+    assert not torch.allclose(raw, theirs, atol=1e-3)  # the tokens change the image
+
+    embeds = ipgo.token_embeds(pipe, path, PROMPTS)
+    assert embeds["prompt_embeds"].shape == embeds["negative_prompt_embeds"].shape
+
+
+def test_mismatched_or_bad_token_files(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    module = make_module(tiny_sd_dir, tiny_clip_dir)
+    tokens = token_file(module)
+    pipe = pipeline(tiny_sd_dir, "lms")
+    wrong = TokenFile(torch.zeros(2, 64), torch.zeros(3, 64), family="sd", base_model="other/model",
+                      hidden_size=64)
+    with pytest.raises(TokenFileError, match="hidden size 64.*hidden size 32"):
+        ipgo.apply_tokens(pipe, save_tokens(tmp_path / "wrong.safetensors", wrong))
+    with pytest.raises(TokenFileError, match="no tokens for 'a green triangle'"):
+        ipgo.token_embeds(pipe, tokens, "a green triangle")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(TokenFileError, match="not a readable safetensors"):
+        load_tokens(tmp_path / "junk.safetensors")
+    with pytest.raises(TokenFileError, match="does not exist"):
+        load_tokens(tmp_path / "missing")

@@ -1,0 +1,160 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessor
+
+from ipgo.rewards import Aesthetic, ClipScore, Reward, differentiable_preprocess
+from ipgo.rewards.aesthetic import AestheticHead
+from ipgo.rewards.base import load_clip
+
+LAION_HEAD = Path(__file__).resolve().parents[2] / "shared/data/weights/sac+logos+ava1-l14-linearMSE.pth"
+PROMPTS = ["a photo of a cat", "a dog on the moon", "an oil painting of a lighthouse"]
+
+
+@pytest.fixture(scope="module")
+def rewards(tiny_clip_dir: Path, aesthetic_head_file: Path) -> dict[str, Reward]:
+    loaded = {
+        "clip_score": ClipScore(str(tiny_clip_dir)),
+        "aesthetic": Aesthetic(str(aesthetic_head_file), str(tiny_clip_dir)),
+    }
+    for reward in loaded.values():
+        reward.load()
+        reward.load()  # idempotent
+    return loaded
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.rand(3, 3, 64, 48, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", ["clip_score", "aesthetic"])
+def test_shape_gradient_and_frozen(rewards: dict[str, Reward], images: torch.Tensor, name: str) -> None:
+    reward = rewards[name]
+    assert reward.name == name
+    assert sum(p.numel() for p in reward.parameters()) > 0
+    assert not any(p.requires_grad for p in reward.parameters())
+    pixels = images.clone().requires_grad_(True)
+    scores = reward(pixels, PROMPTS)
+    assert scores.shape == (3,) and scores.dtype == torch.float32
+    scores.sum().backward()
+    assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["clip_score", "aesthetic"])
+def test_batch_invariance_and_eval_mode(rewards: dict[str, Reward], images: torch.Tensor, name: str) -> None:
+    reward = rewards[name]
+    reward.train()  # a parent's .train() must not switch on the head's dropout
+    assert not any(m.training for m in reward.modules())
+    with torch.no_grad():
+        batch = reward(images, PROMPTS)
+        single = torch.cat([reward(images[i : i + 1], PROMPTS[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(batch, single, atol=1e-5, rtol=0)
+
+
+def test_clip_score_is_a_cosine(rewards: dict[str, Reward], images: torch.Tensor) -> None:
+    scores = rewards["clip_score"](images, PROMPTS)
+    assert (scores.abs() <= 1).all()
+    assert not torch.equal(scores, rewards["clip_score"](images, PROMPTS[::-1]))
+
+
+def _test_image() -> Image.Image:
+    smooth = torch.rand(1, 3, 10, 12, generator=torch.Generator().manual_seed(1))
+    smooth = torch.nn.functional.interpolate(smooth, (40, 48), mode="bilinear")[0]  # H 40, W 48
+    return Image.fromarray((smooth * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+def test_preprocess_matches_image_processor(tiny_clip_dir: Path, backend: str) -> None:
+    from transformers import CLIPImageProcessorPil
+
+    cls = CLIPImageProcessor if backend == "torchvision" else CLIPImageProcessorPil
+    processor = cls.from_pretrained(tiny_clip_dir)
+    image = _test_image()
+    expected = processor(images=image, return_tensors="pt").pixel_values
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+    ours = differentiable_preprocess(pixels, 32, processor.image_mean, processor.image_std)
+    assert ours.shape == expected.shape == (1, 3, 32, 32)
+    diff = (ours - expected).abs()
+    assert diff.mean() < 0.02 and diff.max() < 0.1  # uint8 rounding inside the processor
+
+
+def test_preprocess_square_and_crop_size() -> None:
+    images = torch.rand(2, 3, 40, 40, requires_grad=True)
+    out = differentiable_preprocess(images, 32, (0.5,) * 3, (0.5,) * 3, crop_size=24)
+    assert out.shape == (2, 3, 24, 24)
+    out.sum().backward()
+    assert images.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="crop_size"):
+        differentiable_preprocess(images, 16, (0.5,) * 3, (0.5,) * 3, crop_size=24)
+
+
+def test_real_laion_head_loads(tiny_clip_dir: Path, images: torch.Tensor) -> None:
+    if not LAION_HEAD.is_file():
+        pytest.skip(f"{LAION_HEAD} not present")
+    reward = Aesthetic(str(LAION_HEAD), str(tiny_clip_dir))  # the tiny CLIP projects to 768 like ViT-L/14
+    reward.load()
+    assert reward.head.layers[0].weight.shape == (1024, 768)
+    assert torch.isfinite(reward(images, PROMPTS)).all()
+
+
+def _save_head(path: Path, state: dict[str, torch.Tensor]) -> str:
+    torch.save(state, path)
+    return str(path)
+
+
+def test_corrupted_head_names_the_key(tmp_path: Path, aesthetic_head_file: Path, tiny_clip_dir: Path) -> None:
+    state = torch.load(aesthetic_head_file, weights_only=True)
+    state["layers.2.weight"] = torch.zeros(128, 999)
+    with pytest.raises(ValueError, match=r"layers\.2\.weight.*\(128, 999\).*\(128, 1024\)"):
+        Aesthetic(_save_head(tmp_path / "shape.pth", state), str(tiny_clip_dir)).load()
+    del state["layers.7.bias"]
+    with pytest.raises(ValueError, match=r"missing keys \['layers\.7\.bias'\]"):
+        Aesthetic(_save_head(tmp_path / "keys.pth", state), str(tiny_clip_dir)).load()
+
+
+def test_head_width_must_match_clip(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    head = _save_head(tmp_path / "narrow.pth", AestheticHead(512).state_dict())
+    with pytest.raises(ValueError, match="512-dim.*768-dim"):
+        Aesthetic(head, str(tiny_clip_dir)).load()
+
+
+def test_missing_local_paths_fail_at_construction(tmp_path: Path, aesthetic_head_file: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        ClipScore(str(tmp_path / "does-not-exist"))
+    with pytest.raises(FileNotFoundError, match="improved-aesthetic-predictor"):
+        Aesthetic(str(tmp_path / "head.pth"))
+    with pytest.raises(FileNotFoundError, match="clip-folder"):
+        Aesthetic(str(aesthetic_head_file), "./clip-folder")
+    ClipScore("someone/some-clip")  # a Hub id: nothing checked or loaded yet
+
+
+def test_forward_before_load_raises(tiny_clip_dir: Path, images: torch.Tensor) -> None:
+    with pytest.raises(RuntimeError, match=r"\.load\(\)"):
+        ClipScore(str(tiny_clip_dir))(images, PROMPTS)
+
+
+def test_unknown_hub_model_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match=r"(?s)ipgo-test/no-such-clip.*offline.*hf download"):
+        ClipScore("ipgo-test/no-such-clip").load()
+
+
+def test_folder_without_tokenizer_fails(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        (tmp_path / name).symlink_to(tiny_clip_dir / name)
+    with pytest.raises(OSError, match="no tokenizer files"):
+        load_clip(str(tmp_path))
+
+
+def test_load_follows_device_and_dtype(tiny_clip_dir: Path, images: torch.Tensor) -> None:
+    reward = ClipScore(str(tiny_clip_dir)).double()
+    reward.load()
+    assert reward.clip.dtype == torch.float64
+    assert reward(images, PROMPTS).dtype == torch.float32
+    assert not any(k.startswith("_where") for k in reward.state_dict())

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from ipgo.sampling import SCHEDULERS, SamplerConfig, TruncatedSampler, initial_noise, make_scheduler
+
+
+def embeddings(backbone, batch=1):
+    cond = backbone.encode(["a red circle"] * batch).hidden.clone().requires_grad_()
+    uncond = backbone.encode([""] * batch).hidden
+    return cond, uncond
+
+
+def count_saved_tensors(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, len(saved)
+
+
+def test_no_graph_for_the_first_steps(tiny_backbone):
+    cond, uncond = embeddings(tiny_backbone)
+
+    def run(num_steps, grad_steps):
+        config = SamplerConfig(scheduler="ddim", num_steps=num_steps, grad_steps=grad_steps, height=32, width=32)
+        noise = initial_noise(tiny_backbone, config, [0], "cpu")
+        return count_saved_tensors(lambda: TruncatedSampler(config)(tiny_backbone, cond, uncond, noise))
+
+    (_, short), (_, long), (image, two) = run(3, 1), run(9, 1), run(9, 2)
+    assert short == long  # six more steps without autograd save nothing
+    assert two > long  # one more gradient step saves one more denoiser call
+    image.mean().backward()
+    assert cond.grad is not None and cond.grad.abs().sum() > 0
+
+
+def test_gradient_comes_only_from_last_steps(tiny_backbone):
+    """Changing the conditioning used in the first T-K steps leaves the gradient graph empty there."""
+    cond, uncond = embeddings(tiny_backbone)
+    config = SamplerConfig(scheduler="ddim", num_steps=4, grad_steps=1, height=32, width=32)
+    noise = initial_noise(tiny_backbone, config, [0], "cpu")
+    calls = []
+    original = tiny_backbone.denoise
+
+    def spy(latents, t, hidden):
+        calls.append(torch.is_grad_enabled() and hidden.requires_grad)
+        return original(latents, t, hidden)
+
+    tiny_backbone.denoise = spy
+    try:
+        TruncatedSampler(config)(tiny_backbone, cond, uncond, noise)
+    finally:
+        del tiny_backbone.denoise
+    assert calls == [False, False, False, True]
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_samples_with_gradients(tiny_backbone, name):
+    cond, uncond = embeddings(tiny_backbone, batch=2)
+    config = SamplerConfig(scheduler=name, num_steps=4, grad_steps=2, guidance_scale=3.0, height=32, width=32)
+    noise = initial_noise(tiny_backbone, config, [0, 1], "cpu")
+    images = TruncatedSampler(config)(tiny_backbone, cond, uncond, noise)
+    assert images.shape == (2, 3, 32, 32)
+    assert images.min() >= 0 and images.max() <= 1
+    images.mean().backward()
+    assert torch.isfinite(cond.grad).all() and cond.grad.abs().sum() > 0
+
+
+def test_noise_is_per_seed(tiny_backbone):
+    config = SamplerConfig(height=32, width=32)
+    both = initial_noise(tiny_backbone, config, [3, 4], "cpu")
+    assert torch.equal(both[1:], initial_noise(tiny_backbone, config, [4], "cpu"))
+    assert not torch.equal(both[0], both[1])
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown scheduler 'heunn'.*ddim"):
+        SamplerConfig(scheduler="heunn")
+    with pytest.raises(ValueError, match="grad_steps"):
+        SamplerConfig(num_steps=3, grad_steps=4)
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        make_scheduler("nope", {})

@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+from ipgo.tokens import PromptTokens, TokenConfig, TokenSets, rotate, side_tokens
+
+
+def test_rotation_gets_gradient_and_changes_tokens():
+    sets = TokenSets(TokenConfig(n_prefix=3, n_suffix=2, rank=4, rotation_angles=2), dim=16)
+    before, _ = sets([0])
+    with torch.no_grad():
+        sets.sets[0].prefix.angles.fill_(0.3)
+    after, suffix = sets([0])
+    assert not torch.allclose(before, after)
+    (after.sum() + suffix.sum()).backward()
+    assert sets.sets[0].prefix.angles.grad.abs().sum() > 0
+    # a rotation turns tokens, it never changes their norm
+    assert torch.allclose(before.norm(dim=-1), after.norm(dim=-1), atol=1e-5)
+
+
+def test_rotation_is_orthogonal_and_mixes_all_pairs():
+    x = torch.randn(5, 8)
+    angles = torch.rand(5, 3) * 6 - 3
+    y = rotate(x, angles)
+    assert torch.allclose(x.norm(dim=-1), y.norm(dim=-1), atol=1e-5)
+    # the odd pairing couples coordinates 1 and 2, which the even pairing keeps apart
+    e1 = torch.zeros(1, 8)
+    e1[0, 1] = 1
+    assert rotate(e1, torch.tensor([[0.0, 0.5]]))[0, 2].abs() > 0.1
+    with pytest.raises(ValueError, match="even"):
+        rotate(torch.randn(2, 7), torch.zeros(2, 1))
+
+
+def test_basis_orthonormal_and_coefficients_bounded_after_many_steps():
+    config = TokenConfig(n_prefix=4, n_suffix=4, rank=6, bound=0.5)
+    sets = TokenSets(config, dim=12, num_sets=2)
+    opt = torch.optim.Adam(sets.parameters(), lr=0.2)
+    target = torch.randn(2, 4, 12) * 10  # far outside the reachable range: pushes against the bound
+    for _ in range(200):
+        prefix, suffix = sets([0, 1])
+        loss = ((prefix - target) ** 2).sum() + ((suffix + target) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sets.project_()
+        assert all(p.abs().max() <= 0.5 + 1e-7 for p in sets.coefficients())
+    for s in sets.sets:
+        from ipgo.tokens import orthonormal_basis
+
+        e = orthonormal_basis(s.prefix.basis)
+        assert torch.allclose(e.T @ e, torch.eye(6), atol=1e-5)
+    assert any((p.abs() == 0.5).any() for p in sets.coefficients())  # some sit on the bound
+
+
+def test_coefficient_comes_back_from_the_bound():
+    sets = TokenSets(TokenConfig(n_prefix=1, n_suffix=0, rank=2, bound=1.0, rotation_angles=0), dim=4)
+    side = sets.sets[0].prefix
+    opt = torch.optim.Adam(sets.parameters(), lr=0.1)
+    for sign in (1.0, -1.0):  # first drive z to +b, then ask for the opposite direction
+        for _ in range(60):
+            z = side.coeffs
+            loss = -(sign * z).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sets.project_()
+        assert torch.allclose(side.coeffs, torch.full_like(side.coeffs, sign))
+
+
+def test_sets_are_independent_and_seeded():
+    config = TokenConfig(n_prefix=2, n_suffix=1, rank=3)
+    sets = TokenSets(config, dim=8, num_sets=3)
+    p, s = sets([2, 0, 2])
+    assert p.shape == (3, 2, 8) and s.shape == (3, 1, 8)
+    assert torch.equal(p[0], p[2]) and not torch.equal(p[0], p[1])
+    (p[1].sum()).backward()  # only set 0 was used by row 1
+    assert sets.sets[0].prefix.coeffs.grad is not None
+    assert sets.sets[1].prefix.coeffs.grad is None
+    # set k has the same init as a one-set run seeded with seed + k
+    alone = TokenSets(TokenConfig(n_prefix=2, n_suffix=1, rank=3, seed=2), dim=8)
+    assert torch.equal(alone([0])[0][0], p[0])
+
+
+def test_zero_length_side_and_notebook_preset():
+    sets = TokenSets(TokenConfig(n_prefix=0, n_suffix=3, rank=2), dim=8)
+    p, s = sets([0, 0])
+    assert p.shape == (2, 0, 8) and s.shape == (2, 3, 8)
+    nb = TokenConfig.notebook()
+    tokens = PromptTokens(nb, dim=768)
+    assert tokens.prefix.basis.shape == (768, 300) and tokens.prefix.bias is not None
+    assert tokens.prefix.angles.shape == (10, 0)
+    # the published notebook: ~0.47 M trainable parameters
+    assert 460_000 < sum(p.numel() for p in tokens.parameters()) < 480_000
+    with pytest.raises(ValueError, match="rank"):
+        TokenSets(TokenConfig(rank=40), dim=32)
+    with pytest.raises(ValueError, match="nothing to learn"):
+        TokenConfig(n_prefix=0, n_suffix=0)
+
+
+def test_per_set_clipping_is_per_set():
+    sets = TokenSets(TokenConfig(n_prefix=1, n_suffix=1, rank=2), dim=4, num_sets=2)
+    p, s = sets([0, 1])
+    (100 * p[0].sum() + 0.001 * p[1].sum()).backward()
+    small = [q.grad.clone() for q in sets.sets[1].parameters() if q.grad is not None]
+    norms = sets.clip_grad_norm_per_set_(1.0)
+    assert norms[0] > 1 and norms[1] < 1
+    big_after = torch.stack([q.grad.norm() for q in sets.sets[0].parameters() if q.grad is not None]).norm()
+    assert abs(float(big_after) - 1.0) < 1e-4
+    for before, q in zip(small, [q for q in sets.sets[1].parameters() if q.grad is not None]):
+        assert torch.equal(before, q.grad)  # the small one is untouched
+
+
+def test_side_tokens_matches_formula():
+    g = torch.Generator().manual_seed(0)
+    basis, coeffs = torch.randn(1, 6, 3, generator=g), torch.rand(1, 2, 3, generator=g)
+    bias = torch.randn(1, 6, generator=g)
+    from ipgo.tokens import orthonormal_basis
+
+    expected = coeffs @ orthonormal_basis(basis).transpose(-1, -2) + bias[:, None]
+    assert torch.allclose(side_tokens(basis, coeffs, torch.zeros(1, 2, 0), bias), expected)
