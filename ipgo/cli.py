@@ -8,6 +8,7 @@ The run folder is `trainer.default_root_dir`. Unless a logger is configured, met
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from ipgo.data import PromptDataModule
+from ipgo.errors import UserError
 from ipgo.module import IPGOModule
 
 
-class RunFolderExistsError(FileExistsError):
+class RunFolderExistsError(UserError, FileExistsError):
     """A fresh run pointed at a folder that already holds a finished run."""
 
 
@@ -76,3 +78,12 @@ def main(args: list[str] | None = None) -> IPGOCLI:
         )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli
+
+
+def run(args: list[str] | None = None) -> None:
+    """Entry point of `python -m ipgo.fit`: bad input ends with its message and exit code 2, not a traceback."""
+    try:
+        main(args)
+    except UserError as error:
+        print(f"ipgo.fit: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

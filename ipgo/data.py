@@ -15,8 +15,10 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from ipgo.errors import UserError
 
-class PromptFileError(ValueError):
+
+class PromptFileError(UserError, ValueError):
     """A prompt file that cannot be used."""
 
 

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ipgo.backbones.sd import StableDiffusion
+from ipgo.errors import UserError
 from ipgo.files import atomic_path
 from ipgo.inject import conditioning
 
@@ -39,7 +40,7 @@ FORMAT = "ipgo-tokens"
 FORMAT_VERSION = "1"
 
 
-class TokenFileError(ValueError):
+class TokenFileError(UserError, ValueError):
     """A token file that is unreadable or does not fit the pipeline it is applied to."""
 
 

@@ -28,10 +28,16 @@ from torch import Tensor, nn
 
 from ipgo.backbones.base import Backbone, TooLong
 from ipgo.backbones.sd import check_prompt_lengths
+from ipgo.errors import UserError
 from ipgo.inject import Layout, conditioning, conformity
 from ipgo.rewards.base import Reward
 from ipgo.sampling import SamplerConfig, TruncatedSampler, initial_noise
 from ipgo.tokens import TokenConfig, TokenSets
+
+
+class NonFiniteRewardError(UserError, FloatingPointError):
+    """A reward that came back NaN or infinite."""
+
 
 Mode = Literal["prompt-wise", "prompt-batch"]
 
@@ -65,20 +71,25 @@ class SeedConfig:
 
 
 class BestTokens(nn.Module):
-    """Per-prompt best reward seen during optimisation and the tokens that reached it."""
+    """Per prompt: the best training reward seen and the tokens that reached it; the first and last reward."""
 
     def __init__(self, num_prompts: int, n_prefix: int, n_suffix: int, dim: int) -> None:
         super().__init__()
         self.register_buffer("reward", torch.full((num_prompts,), -torch.inf))
+        self.register_buffer("first", torch.full((num_prompts,), torch.nan))
+        self.register_buffer("last", torch.full((num_prompts,), torch.nan))
         self.register_buffer("prefix", torch.zeros(num_prompts, n_prefix, dim))
         self.register_buffer("suffix", torch.zeros(num_prompts, n_suffix, dim))
 
     @torch.no_grad()
     def update(self, index: Tensor, reward: Tensor, prefix: Tensor, suffix: Tensor) -> None:
         index = index.to(self.reward.device)
-        better = reward.detach().to(self.reward.device) > self.reward[index]
+        reward = reward.detach().to(self.reward.device)
+        self.first[index] = torch.where(self.first[index].isnan(), reward, self.first[index])
+        self.last[index] = reward
+        better = reward > self.reward[index]
         rows = index[better]
-        self.reward[rows] = reward.detach().to(self.reward.device)[better]
+        self.reward[rows] = reward[better]
         self.prefix[rows] = prefix.detach().float()[better]
         self.suffix[rows] = suffix.detach().float()[better]
 
@@ -238,7 +249,7 @@ class IPGOModule(L.LightningModule):
         bad = ~torch.isfinite(rewards).all(dim=1)
         if bad.any():
             prompt = prompts[int(bad.nonzero()[0])]
-            raise FloatingPointError(
+            raise NonFiniteRewardError(
                 f"reward {self.reward.name!r} is NaN or infinite for prompt {prompt!r} at step {self.global_step}. "
                 "With float16 weights this is usually an overflow: use backbone dtype bfloat16 or float32, or a "
                 "lower learning rate."

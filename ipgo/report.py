@@ -80,8 +80,14 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
     if prompts:
         summary["mean_before"] = sum(before_scores) / len(prompts)
         summary["mean_after"] = sum(after_scores) / len(prompts)
-    if module.best is not None and torch.isfinite(module.best.reward).any():
-        summary["best_train_reward_mean"] = float(module.best.reward[torch.isfinite(module.best.reward)].mean())
+    if module.best is not None and torch.isfinite(module.best.reward).all():
+        summary["train"] = {
+            "seeds": list(module.seeds.train),
+            "first_step_mean": float(module.best.first.mean()),
+            "last_step_mean": float(module.best.last.mean()),
+            "best_step_mean": float(module.best.reward.mean()),
+            "exported": module.select,
+        }
     write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     text = summary_markdown(summary)
     write_text(run_dir / "summary.md", text)
@@ -107,6 +113,11 @@ def summary_markdown(summary: dict) -> str:
     if "mean_before" in summary:
         change = summary["mean_after"] - summary["mean_before"]
         lines.append(f"| **mean** | {summary['mean_before']:.4f} | {summary['mean_after']:.4f} | {change:+.4f} |")
+    if "train" in summary:
+        train = summary["train"]
+        lines += ["", f"Optimisation (training seeds {train['seeds']}, mean over prompts): reward at the first "
+                  f"step {train['first_step_mean']:.4f}, last step {train['last_step_mean']:.4f}, best step "
+                  f"{train['best_step_mean']:.4f}; exported tokens: {train['exported']}."]
     lines += ["", f"Tokens: `{summary['tokens']}`"]
     if summary["grid"]:
         lines.append(f"Grid (rows: prompt before, prompt after; columns: seeds): `{summary['grid']}`")

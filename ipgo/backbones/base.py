@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from ipgo.errors import UserError
+
 DType = Literal["float32", "float16", "bfloat16"]
 TooLong = Literal["error", "truncate"]
 
@@ -41,7 +43,7 @@ class PromptEmbeds:
         return PromptEmbeds(torch.cat([e.hidden for e in items]), torch.cat([e.lengths for e in items]))
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """A model id or local folder that cannot be loaded."""
 
 

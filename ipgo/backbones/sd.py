@@ -18,10 +18,11 @@ from ipgo.backbones.base import (
     load_error,
     torch_dtype,
 )
+from ipgo.errors import UserError
 from ipgo.testing import is_tiny, resolve_source
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(UserError, ValueError):
     """A prompt that does not fit beside the learned tokens."""
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ipgo.backbones.base import ModelNotFoundError
+from ipgo.errors import UserError
 from ipgo.rewards.base import ClipReward
 from ipgo.testing import is_tiny, resolve_source
 
@@ -20,6 +22,10 @@ _HEAD_HINT = (
     "Download sac+logos+ava1-l14-linearMSE.pth from "
     "https://github.com/christophschuhmann/improved-aesthetic-predictor and pass its path."
 )
+
+
+class WeightsFormatError(UserError, ValueError):
+    """A weights file whose keys or shapes are not the expected ones."""
 
 
 class AestheticHead(nn.Module):
@@ -62,20 +68,20 @@ def load_head_state(path: str | Path) -> dict[str, Tensor]:
     state = torch.load(path, weights_only=True, map_location="cpu")
     if not isinstance(state, Mapping):
         found = type(state).__name__
-        raise ValueError(f"Aesthetic head {str(path)!r}: expected a state dict, found {found}.")
+        raise WeightsFormatError(f"Aesthetic head {str(path)!r}: expected a state dict, found {found}.")
     first = state.get("layers.0.weight")
     width = first.shape[-1] if isinstance(first, Tensor) and first.ndim == 2 else 768
     expected = {k: tuple(v.shape) for k, v in AestheticHead(width).state_dict().items()}
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(
+        raise WeightsFormatError(
             f"Aesthetic head {str(path)!r} is not a LAION head: missing keys {missing}, unexpected keys "
             f"{unexpected}; expected {sorted(expected)}."
         )
     for key, shape in expected.items():
         found = tuple(state[key].shape) if isinstance(state[key], Tensor) else type(state[key]).__name__
         if found != shape:
-            raise ValueError(f"Aesthetic head {str(path)!r}: {key} has shape {found}, expected {shape}.")
+            raise WeightsFormatError(f"Aesthetic head {str(path)!r}: {key} has shape {found}, expected {shape}.")
     return dict(state)
 
 
@@ -97,7 +103,7 @@ class Aesthetic(ClipReward):
         else:
             path = Path(head).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"Aesthetic head {str(path)!r} is not a file. {_HEAD_HINT}")
+                raise ModelNotFoundError(f"Aesthetic head {str(path)!r} is not a file. {_HEAD_HINT}")
             self.head_path = str(path)
         self.head: AestheticHead | None = None
 
@@ -106,7 +112,7 @@ class Aesthetic(ClipReward):
         width = state["layers.0.weight"].shape[1]
         super()._load()
         if width != self.projection_dim:
-            raise ValueError(
+            raise WeightsFormatError(
                 f"Aesthetic head {self.head_path!r} takes {width}-dim embeddings but the CLIP model "
                 f"{self.clip_model!r} gives {self.projection_dim}-dim ones; the LAION head needs "
                 "ViT-L/14 (768)."

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ipgo.backbones.base import ModelNotFoundError
 from ipgo.testing import is_tiny, resolve_source
 
 if TYPE_CHECKING:
@@ -195,7 +196,7 @@ def check_source(source: str | os.PathLike, what: str, hint: str = "") -> str:
         return text
     path = Path(text).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{what}: {str(path)!r} does not exist. {hint}".strip())
+        raise ModelNotFoundError(f"{what}: {str(path)!r} does not exist. {hint}".strip())
     return str(path)
 
 
@@ -221,10 +222,10 @@ def load_clip(model: str) -> tuple[CLIPModel, CLIPImageProcessor, CLIPTokenizer]
         processor = CLIPImageProcessor.from_pretrained(model)
         tokenizer = CLIPTokenizer.from_pretrained(model)
     except OSError as err:
-        raise OSError(_missing_model_message(model, err)) from err
+        raise ModelNotFoundError(_missing_model_message(model, err)) from err
     # transformers 5 silently builds a 2-token tokenizer when no tokenizer files are found.
     if len(tokenizer) <= 3:
-        raise OSError(_missing_model_message(model, "no tokenizer files (tokenizer.json / vocab.json)"))
+        raise ModelNotFoundError(_missing_model_message(model, "no tokenizer files (tokenizer.json / vocab.json)"))
     return clip.eval(), processor, tokenizer
 
 

@@ -1,0 +1,110 @@
+import lightning as L
+import pytest
+import torch
+
+from ipgo.backbones import StableDiffusion
+from ipgo.data import PromptDataModule
+from ipgo.module import IPGOModule, NonFiniteRewardError, SeedConfig
+from ipgo.rewards import ClipScore
+from ipgo.sampling import SamplerConfig
+from ipgo.tokens import TokenConfig
+
+PROMPTS = ["a red circle on the left", "a blue square", "a green triangle on the right"]
+
+
+def prompt_file(tmp_path, prompts=PROMPTS):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    return str(path)
+
+
+def make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-wise", grad_clip=1.0, lr=0.05, seeds=None,
+                optimizer=torch.optim.Adam):
+    return IPGOModule(
+        StableDiffusion(str(tiny_sd_dir)),
+        ClipScore(str(tiny_clip_dir)),
+        mode=mode,
+        tokens=TokenConfig(n_prefix=2, n_suffix=2, rank=4),
+        sampler=SamplerConfig(scheduler="ddim", num_steps=4, grad_steps=2, guidance_scale=4.0, height=32, width=32),
+        seeds=seeds or SeedConfig(train=[0], eval=[100]),
+        grad_clip=grad_clip,
+        optimizer=lambda params: optimizer(params, lr=lr),
+        report_prompts=2,
+    )
+
+
+def fit(module, datamodule, tmp_path, epochs, **trainer_kwargs):
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        num_sanity_val_steps=0, **trainer_kwargs)
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
+def test_prompt_wise_raises_each_prompts_reward(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    module = make_module(tiny_sd_dir, tiny_clip_dir)
+    fit(module, PromptDataModule(prompt_file(tmp_path), batch_size=3), tmp_path, epochs=6)
+    assert len(module.tokens) == 3  # one token set per prompt
+    assert (module.best.last > module.best.first).all(), (module.best.first, module.best.last)
+    prefix, _ = module.export_vectors()
+    assert prefix.shape == (3, 2, 32) and not torch.allclose(prefix[0], prefix[1])
+    assert (tmp_path / "tokens.safetensors").is_file() and (tmp_path / "before_after.png").is_file()
+    assert (tmp_path / "summary.md").read_text().count("|") > 10
+
+
+def test_batched_prompt_wise_equals_one_prompt_at_a_time(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    """Independent token sets: batch composition changes nothing, gradient clipping included.
+
+    SGD, unlike Adam, is not invariant to gradient scale, so a shared clip or a mean over the
+    batch would show here.
+    """
+    results = []
+    for batch_size in (3, 1):
+        # reward gradients here are ~1e-5 per set, so this clip is active; steps are ~0.1
+        module = make_module(tiny_sd_dir, tiny_clip_dir, grad_clip=1e-5, lr=1e4, optimizer=torch.optim.SGD)
+        module.report_prompts = 0
+        fit(module, PromptDataModule(prompt_file(tmp_path), batch_size=batch_size), tmp_path / str(batch_size),
+            epochs=3)
+        results.append(module.tokens(range(3)))
+        assert (module.best.last != module.best.first).all()  # the tokens moved
+    for batched, alone in zip(*results):
+        assert torch.allclose(batched, alone, atol=1e-5)
+
+
+def test_prompt_batch_shares_tokens_and_validates(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    prompts = PROMPTS + ["a yellow circle", "a blue triangle on the left"]
+    module = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch")
+    datamodule = PromptDataModule(prompt_file(tmp_path, prompts), batch_size=2, val_fraction=0.4, shuffle=True)
+    trainer = fit(module, datamodule, tmp_path, epochs=2, accumulate_grad_batches=2)
+    assert len(module.tokens) == 1 and module.best is None
+    assert len(datamodule.val_prompts) == 2 and not set(datamodule.val_prompts) & set(datamodule.train_prompts)
+    assert "val/reward" in trainer.callback_metrics
+    summary = (tmp_path / "summary.json").read_text()
+    assert "held-out (validation split)" in summary and datamodule.val_prompts[0] in summary
+
+
+def test_prompt_wise_refuses_validation_split_and_accumulation(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    module = make_module(tiny_sd_dir, tiny_clip_dir)
+    with pytest.raises(ValueError, match="val_fraction=0"):
+        fit(module, PromptDataModule(prompt_file(tmp_path), val_fraction=0.34), tmp_path, epochs=1)
+    module = make_module(tiny_sd_dir, tiny_clip_dir)
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        fit(module, PromptDataModule(prompt_file(tmp_path)), tmp_path, epochs=1, accumulate_grad_batches=2)
+
+
+def test_nan_reward_is_a_clear_error(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    module = make_module(tiny_sd_dir, tiny_clip_dir)
+    module.prepare(PROMPTS)
+    module.reward._score = lambda images, prompts: torch.full((images.shape[0],), float("nan"))
+    module.log = lambda *args, **kwargs: None
+    with pytest.raises(NonFiniteRewardError, match="NaN or infinite for prompt 'a red circle on the left'"):
+        module.training_step({"prompt": PROMPTS, "index": torch.arange(3)}, 0)
+
+
+def test_fresh_seeds_change_per_epoch_and_stay_reproducible():
+    seeds = SeedConfig(train=[0, 1], policy="fresh", eval=[5])
+    first, again, later = seeds.for_items([0, 1], 0), seeds.for_items([0, 1], 0), seeds.for_items([0, 1], 1)
+    assert first == again and first != later and len(set(first)) == 4
+    assert SeedConfig(train=[3]).for_items([0, 1], 7) == [3, 3]
+    with pytest.raises(ValueError, match="held-out seeds must differ"):
+        SeedConfig(train=[0, 1], eval=[1])
