@@ -1,7 +1,8 @@
 """The `ipgo.fit` command line: LightningCLI over IPGOModule and PromptDataModule.
 
 The run folder is `trainer.default_root_dir`. Unless a logger is configured, metrics go to
-`<run>/metrics.csv` and `<run>/tensorboard/`; checkpoints to `<run>/checkpoints/`
+TensorBoard event files in `<run>/` and to `<run>/csv/version_N/metrics.csv` (N counts resumes);
+the resolved config to `<run>/config.yaml`; checkpoints to `<run>/checkpoints/`
 (`last.ckpt` after every epoch); at the end the module writes `tokens.safetensors`,
 `before_after.png`, `summary.md` and `summary.json` there.
 """
@@ -38,11 +39,18 @@ class IPGOCLI(LightningCLI):
         config = self._get(self.config_init, "trainer", default={})
         run_dir = Path(config.get("default_root_dir") or "runs/ipgo")
         if config.get("logger") in (None, True):
+            # TensorBoard appends to the run folder; CSV gets a new version per (resumed) run, since
+            # CSVLogger deletes an existing metrics.csv in its folder
             kwargs["logger"] = [
-                CSVLogger(save_dir=str(run_dir), name="", version=""),
-                TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""),
+                TensorBoardLogger(save_dir=str(run_dir), name="", version=""),
+                CSVLogger(save_dir=str(run_dir), name="csv"),
             ]
         kwargs["default_root_dir"] = str(run_dir)
+        callbacks = list(config.get("callbacks") or [])
+        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            # an explicit folder, so that `--ckpt_path last` finds it before the trainer is set up
+            callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0))
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
 
@@ -51,10 +59,7 @@ def trainer_defaults() -> dict[str, Any]:
         "default_root_dir": "runs/ipgo",
         "log_every_n_steps": 1,
         "num_sanity_val_steps": 0,
-        "callbacks": [
-            ModelCheckpoint(save_last=True, save_top_k=0, every_n_epochs=1),
-            LearningRateMonitor(logging_interval="step"),
-        ],
+        "callbacks": [LearningRateMonitor(logging_interval="step")],
     }
 
 

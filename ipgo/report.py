@@ -120,5 +120,7 @@ def summary_markdown(summary: dict) -> str:
                   f"{train['best_step_mean']:.4f}; exported tokens: {train['exported']}."]
     lines += ["", f"Tokens: `{summary['tokens']}`"]
     if summary["grid"]:
-        lines.append(f"Grid (rows: prompt before, prompt after; columns: seeds): `{summary['grid']}`")
+        n = len(summary["seeds"])
+        lines.append(f"Grid `{summary['grid']}`: one row per prompt; the left {n} images are the raw prompt, "
+                     f"the right {n} the prompt with the tokens, on the same seeds.")
     return "\n".join(lines) + "\n"

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
+from ipgo.errors import UserError
+
 _RECIPE_VERSION = 1  # bump when the build code changes in a way the configs below do not show
 _SEED = 0
 _COMPLETE = ".complete"
@@ -186,6 +188,10 @@ def tiny_aesthetic_head_path(root: str | os.PathLike | None = None) -> Path:
     return folder / "aesthetic_head.pth"
 
 
+class UnknownTinyModelError(UserError, ValueError):
+    """A "tiny:..." name that is not one of the built-in tiny models."""
+
+
 TINY_SOURCES: dict[str, Callable[[], Path]] = {
     "tiny:sd1": tiny_sd_path,
     "tiny:clip": tiny_clip_path,
@@ -200,7 +206,7 @@ def is_tiny(source: str | os.PathLike) -> bool:
     if not text.startswith("tiny:"):
         return False
     if text not in TINY_SOURCES:
-        raise ValueError(f"unknown tiny model {text!r}; the built-in ones are {', '.join(TINY_SOURCES)}")
+        raise UnknownTinyModelError(f"unknown tiny model {text!r}; the built-in ones are {', '.join(TINY_SOURCES)}")
     return True
 
 

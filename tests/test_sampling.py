@@ -83,3 +83,19 @@ def test_config_errors():
         SamplerConfig(num_steps=3, grad_steps=4)
     with pytest.raises(ValueError, match="unknown scheduler"):
         make_scheduler("nope", {})
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_sd_dir, tiny_backbone):
+    from ipgo.backbones import StableDiffusion
+
+    checkpointed = StableDiffusion(str(tiny_sd_dir), gradient_checkpointing=True)
+    checkpointed.load()
+    config = SamplerConfig(scheduler="euler", num_steps=3, grad_steps=2, height=32, width=32)
+    grads = []
+    for backbone in (tiny_backbone, checkpointed):
+        cond, uncond = embeddings(backbone)
+        noise = initial_noise(backbone, config, [0], "cpu")
+        TruncatedSampler(config)(backbone, cond, uncond, noise).mean().backward()
+        grads.append(cond.grad)
+    assert checkpointed.unet.is_gradient_checkpointing
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -1,0 +1,89 @@
+"""The `python -m ipgo.fit` command line: shipped configs, overrides, resume, bad input."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from ipgo.cli import main, run
+
+ROOT = Path(__file__).parents[1]
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml"))
+# the demo, made quick: 2 prompts, 3 sampling steps
+QUICK = ["--config", "configs/demo.yaml", "--data.limit", "2", "--model.sampler.num_steps", "3",
+         "--model.report_prompts", "1", "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.fixture(autouse=True)
+def in_repo_root(monkeypatch, ipgo_cache):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("IPGO_CACHE", str(ipgo_cache))  # tiny:... models are built in the test cache
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_shipped_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", config, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["backbone"]["class_path"] == "ipgo.backbones.StableDiffusion"
+
+
+def test_any_key_can_be_overridden(capsys):
+    with pytest.raises(SystemExit):
+        main(["--config", "configs/prompt_wise.yaml", "--model.tokens.rank", "30", "--model.sampler.scheduler", "ddim",
+              "--model.tokens", "configs/tokens/notebook.yaml", "--model.tokens.bias", "false", "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["tokens"]["rank"] == 300 and model["tokens"]["bias"] is False  # later flags win
+    assert model["sampler"]["scheduler"] == "ddim"
+
+
+@pytest.mark.slow
+def test_resume_continues_where_the_run_stopped(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main([*QUICK, "--trainer.max_epochs", "4", "--trainer.default_root_dir", str(straight)])
+    main([*QUICK, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(resumed)])
+    main([*QUICK, "--trainer.max_epochs", "4", "--trainer.default_root_dir", str(resumed), "--ckpt_path", "last"])
+    a, b = load_file(straight / "tokens.safetensors"), load_file(resumed / "tokens.safetensors")
+    for key in ("prefix", "suffix"):
+        assert (a[key] - b[key]).abs().max() < 1e-6
+    for name in ("config.yaml", "summary.md", "before_after.png", "checkpoints/last.ckpt"):
+        assert (resumed / name).is_file(), name
+    assert list(resumed.glob("events.out.tfevents.*"))
+    # the first part's metrics survive the resume
+    first, second = (resumed / "csv/version_0/metrics.csv").read_text(), (resumed / "csv/version_1/metrics.csv")
+    assert first.count("\n") > 2 and second.is_file()
+    # a finished run folder is not overwritten by a fresh run
+    with pytest.raises(SystemExit) as exit_info:
+        run([*QUICK, "--trainer.default_root_dir", str(resumed)])
+    assert exit_info.value.code == 2
+
+
+def bad_input(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run([*QUICK, *args])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input_gives_a_clear_message(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    table = tmp_path / "prompts.csv"
+    table.write_text("id,caption\n1,a cat\n")
+    long = tmp_path / "long.txt"
+    long.write_text("a cat " + "very " * 70 + "\n")
+    out = str(tmp_path / "run")
+    cases = [
+        (["--model.backbone.init_args.model", str(tmp_path / "no-model")], "does not exist"),
+        (["--data.prompts", str(empty)], "has no prompts"),
+        (["--data.prompts", str(table)], "no column 'prompt'; its columns are ['caption', 'id']"),
+        (["--data.prompts", str(long), "--model.too_long", "error"], "has 74 tokens but only 69 fit"),
+        (["--model.sampler.scheduler", "heunn"], "heunn"),
+        (["--model.backbone.init_args.model", "tiny:sd7"], "unknown tiny model 'tiny:sd7'"),
+    ]
+    for args, message in cases:
+        err = bad_input([*args, "--trainer.default_root_dir", out], capsys)
+        assert message in err, (args, err[-2000:])
+        assert "Traceback" not in err

@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from ipgo.data import PromptDataModule, PromptFileError, read_prompts
+
+
+def test_prompt_sources(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
+    assert read_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
+    (tmp_path / "p.csv").write_text('id,caption\n1,"a cat, sleeping"\n2,a dog\n')
+    assert read_prompts(tmp_path / "p.csv", column="caption") == ["a cat, sleeping", "a dog"]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p, "n": 1}) for p in ["x", "y"]) + "\n")
+    assert read_prompts(tmp_path / "p.jsonl") == ["x", "y"]
+
+
+@pytest.mark.parametrize(("name", "text", "column", "message"), [
+    ("p.csv", "id,caption\n1,a\n", "text", "no column 'text'; its columns are ['caption', 'id']"),
+    ("p.jsonl", '{"prompt": "a"}\n{oops\n', None, "line 2 is not valid JSON"),
+    ("p.txt", "a cat\n", "prompt", "remove data.column"),
+    ("p.json", "[]", None, "use .txt, .csv or .jsonl"),
+    ("p.txt", " \n\n", None, "has no prompts"),
+])
+def test_bad_prompt_files(tmp_path, name, text, column, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(PromptFileError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        read_prompts(tmp_path / name, column)
+    with pytest.raises(PromptFileError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_split_is_disjoint_deterministic_and_complete(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(f"prompt {i}" for i in range(10)))
+    first, second = (PromptDataModule(str(path), val_fraction=0.3, split_seed=1) for _ in range(2))
+    first.setup()
+    second.setup()
+    assert first.val_prompts == second.val_prompts and len(first.val_prompts) == 3
+    assert sorted(first.train_prompts + first.val_prompts) == sorted(f"prompt {i}" for i in range(10))
+    batch = next(iter(first.train_dataloader()))
+    assert batch["index"].tolist() == [0, 1, 2, 3] and batch["prompt"][0] == first.train_prompts[0]
+    limited = PromptDataModule(str(path), limit=2)
+    limited.setup()
+    assert limited.train_prompts == ["prompt 0", "prompt 1"] and limited.val_dataloader() == []
+    with pytest.raises(ValueError, match="empty split"):
+        PromptDataModule(str(path), limit=1, val_fraction=0.2).setup()
