@@ -10,6 +10,7 @@ the resolved config to `<run>/config.yaml`; checkpoints to `<run>/checkpoints/`
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,15 @@ def trainer_defaults() -> dict[str, Any]:
     }
 
 
+# Expected here, and noise to a user: the frozen model is in eval mode on purpose, and prompt-wise
+# runs have no validation prompts.
+QUIET = (r"Found \d+ module\(s\) in eval mode", r"Total length of `list` across ranks is zero")
+
+
 def main(args: list[str] | None = None) -> IPGOCLI:
     """Parse the command line (or `args`), then fit; returns the CLI (its trainer, model, datamodule)."""
+    for message in QUIET:
+        warnings.filterwarnings("ignore", message=message)
     cli = IPGOCLI(
         IPGOModule,
         PromptDataModule,

@@ -69,7 +69,7 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
         "reward": module.reward.name,
         "prompts_are": "held-out (validation split)" if held_out else "training prompts",
         "seeds": seeds,
-        "seeds_are": "held-out (never used in optimisation)",
+        "seeds_are": "held out: never used in optimisation",
         "per_prompt": [
             {"prompt": q, "before": b, "after": a, "change": a - b}
             for q, b, a in zip(prompts, before_scores, after_scores)

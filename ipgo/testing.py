@@ -60,6 +60,13 @@ _CLIP = dict(
 _CLIP_PROCESSOR = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})  # OpenAI mean/std
 _AESTHETIC_WIDTHS = (768, 1024, 128, 64, 16, 1)
 _AESTHETIC_KEYS = (0, 2, 4, 6, 7)  # nn.Sequential positions of the Linear layers (dropout at 1, 3, 5)
+TINY_OPEN_CLIP_NAME = "ipgo-tiny-ViT"
+"""open_clip model name of the tiny HPS checkpoint; its config JSON lies next to the checkpoint."""
+_OPEN_CLIP = dict(
+    embed_dim=32,
+    vision_cfg=dict(image_size=32, layers=2, width=32, head_width=8, patch_size=8),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=2),
+)  # fmt: skip
 
 
 @functools.cache
@@ -188,6 +195,32 @@ def tiny_aesthetic_head_path(root: str | os.PathLike | None = None) -> Path:
     return folder / "aesthetic_head.pth"
 
 
+def _build_hps(path: Path) -> None:
+    import open_clip
+
+    config = path / f"{TINY_OPEN_CLIP_NAME}.json"
+    config.write_text(json.dumps(_OPEN_CLIP, indent=2))
+    open_clip.add_model_config(config)
+    model = open_clip.create_model(TINY_OPEN_CLIP_NAME, pretrained=None)
+    torch.save(model.state_dict(), path / "hps.pt")
+
+
+def tiny_hps_checkpoint_path(root: str | os.PathLike | None = None) -> Path:
+    """Build (once) a random open_clip checkpoint in HPSv2's format, for the model ``ipgo-tiny-ViT``.
+
+    The folder also holds the model's open_clip config, ``ipgo-tiny-ViT.json``, which
+    ``HPSv2`` registers with ``open_clip.add_model_config`` when it loads the checkpoint.
+
+    Args:
+        root: Cache root; defaults to ``$IPGO_CACHE`` or ``~/.cache/ipgo``.
+
+    Returns:
+        The ``.pt`` file: a plain state dict (32x32 images, patch 8, 32-wide towers, embed 32).
+    """
+    folder = _build_once(root, f"tiny-hps-{_recipe_hash(_OPEN_CLIP)}", _build_hps)
+    return folder / "hps.pt"
+
+
 class UnknownTinyModelError(UserError, ValueError):
     """A "tiny:..." name that is not one of the built-in tiny models."""
 
@@ -196,6 +229,7 @@ TINY_SOURCES: dict[str, Callable[[], Path]] = {
     "tiny:sd1": tiny_sd_path,
     "tiny:clip": tiny_clip_path,
     "tiny:aesthetic-head": tiny_aesthetic_head_path,
+    "tiny:hps": tiny_hps_checkpoint_path,
 }
 """Names that configs may use instead of a hub id or path: the tiny models above, built on first use."""
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -51,6 +52,8 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     for name in ("config.yaml", "summary.md", "before_after.png", "checkpoints/last.ckpt"):
         assert (resumed / name).is_file(), name
     assert list(resumed.glob("events.out.tfevents.*"))
+    checkpoint = torch.load(resumed / "checkpoints/last.ckpt", weights_only=False)
+    assert checkpoint["state_dict"] and all(k.startswith(("tokens.", "best.")) for k in checkpoint["state_dict"])
     # the first part's metrics survive the resume
     first, second = (resumed / "csv/version_0/metrics.csv").read_text(), (resumed / "csv/version_1/metrics.csv")
     assert first.count("\n") > 2 and second.is_file()
