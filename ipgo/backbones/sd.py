@@ -61,7 +61,7 @@ class StableDiffusion(Backbone):
         self.unet: nn.Module | None = None
         self.vae: nn.Module | None = None
         self._scheduler_config: dict[str, Any] | None = None
-        self._cache: dict[tuple[str, int, str], tuple[Tensor, int]] = {}
+        self._cache: dict[tuple[str, int, str], tuple[Tensor, int, int]] = {}
 
     @classmethod
     def from_pipeline(cls, pipe: Any) -> StableDiffusion:
@@ -148,25 +148,27 @@ class StableDiffusion(Backbone):
 
     def encode(self, prompts: Sequence[str], reserved: int = 0, too_long: TooLong = "error") -> PromptEmbeds:
         budget = self.max_length - reserved
-        check_prompt_lengths(prompts, self.token_lengths(prompts), budget, reserved, too_long)
         device = next(self._loaded(self.text_encoder).parameters()).device
         missing = [p for p in dict.fromkeys(prompts) if (p, budget, str(device)) not in self._cache]
         if missing:
             self._encode_into_cache(missing, budget, device)
         rows = [self._cache[(p, budget, str(device))] for p in prompts]
+        check_prompt_lengths(prompts, [full for _, _, full in rows], budget, reserved, too_long)
         return PromptEmbeds(
-            torch.stack([hidden for hidden, _ in rows]),
-            torch.tensor([length for _, length in rows], device=device),
+            torch.stack([hidden for hidden, _, _ in rows]),
+            torch.tensor([length for _, length, _ in rows], device=device),
         )
 
     @torch.no_grad()
     def _encode_into_cache(self, prompts: list[str], budget: int, device: torch.device) -> None:
+        """Encode once per prompt and budget; keep the states, the kept length and the untruncated length."""
+        full_lengths = self.token_lengths(prompts)
         ids = self.tokenizer(prompts, truncation=True, max_length=budget).input_ids
         pad = self.tokenizer.pad_token_id
         padded = torch.tensor([row + [pad] * (self.max_length - len(row)) for row in ids], device=device)
         hidden = self.text_encoder(padded).last_hidden_state  # (B, S, D), no mask, as diffusers does
-        for prompt, row, states in zip(prompts, ids, hidden):
-            self._cache[(prompt, budget, str(device))] = (states, len(row))
+        for prompt, row, states, full in zip(prompts, ids, hidden, full_lengths):
+            self._cache[(prompt, budget, str(device))] = (states, len(row), full)
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         factor = self.vae_scale_factor
