@@ -19,6 +19,7 @@ pipeline through `prompt_embeds` / `negative_prompt_embeds`, built by `token_emb
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ipgo.backbones.sd import StableDiffusion
+from ipgo.backbones import backbone_for_pipeline
 from ipgo.errors import UserError
 from ipgo.files import atomic_path
 from ipgo.inject import conditioning
@@ -57,6 +58,8 @@ class TokenFile:
     too_long: str = "error"
     mode: str = "prompt-batch"
     prompts: list[str] | None = None
+    prompt_attention: bool = False
+    """IPGO+: the shared tokens attend to each prompt's states before they are placed."""
     extra: dict[str, str] = field(default_factory=dict)
     """Further metadata (rewards, sampler, seeds, versions) kept as strings."""
 
@@ -104,6 +107,7 @@ def save_tokens(path: str | os.PathLike, tokens: TokenFile) -> Path:
         "layout": tokens.layout,
         "too_long": tokens.too_long,
         "mode": tokens.mode,
+        "prompt_attention": json.dumps(tokens.prompt_attention),
         "n_prefix": str(tokens.prefix.shape[-2]),
         "n_suffix": str(tokens.suffix.shape[-2]),
         **tokens.extra,
@@ -140,7 +144,7 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
             f"{FORMAT_VERSION}. Upgrade ipgo."
         )
     known = {"format", "format_version", "family", "base_model", "hidden_size", "layout", "too_long", "mode",
-             "prompts", "n_prefix", "n_suffix"}
+             "prompts", "n_prefix", "n_suffix", "prompt_attention"}
     return TokenFile(
         prefix=tensors["prefix"],
         suffix=tensors["suffix"],
@@ -151,14 +155,9 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
         too_long=metadata["too_long"],
         mode=metadata["mode"],
         prompts=json.loads(metadata["prompts"]) if "prompts" in metadata else None,
+        prompt_attention=json.loads(metadata.get("prompt_attention", "false")),
         extra={k: v for k, v in metadata.items() if k not in known},
     )
-
-
-def _backbone_for(pipe: Any) -> StableDiffusion:
-    if not all(hasattr(pipe, name) for name in ("tokenizer", "text_encoder", "unet", "vae")):
-        raise TokenFileError(f"{type(pipe).__name__} is not a Stable Diffusion 1.x/2.x pipeline")
-    return StableDiffusion.from_pipeline(pipe)
 
 
 @torch.no_grad()
@@ -168,47 +167,55 @@ def token_embeds(
     prompt: str | Sequence[str],
     negative_prompt: str | Sequence[str] | None = None,
 ) -> dict[str, Tensor]:
-    """`prompt_embeds` and `negative_prompt_embeds` for `pipe(...)` with the learned tokens applied."""
+    """The embedding arguments of `pipe(...)` (`prompt_embeds`, `negative_prompt_embeds` and, for
+    SDXL and SD 3, the pooled pair) with the learned tokens applied."""
     tokens = tokens if isinstance(tokens, TokenFile) else load_tokens(tokens)
-    backbone = _backbone_for(pipe)
-    tokens.check_fits(backbone.family, int(pipe.text_encoder.config.hidden_size), backbone.model)
+    backbone = backbone_for_pipeline(pipe)
+    tokens.check_fits(backbone.family, backbone.hidden_size, backbone.model)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = None
     if negative_prompt is not None:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     prefix, suffix = tokens.tokens_for(prompts)
-    device = pipe.text_encoder.device
-    cond, uncond, _ = conditioning(
-        backbone, prompts, prefix.to(device), suffix.to(device), tokens.layout, tokens.too_long, negatives
-    )
-    dtype = pipe.text_encoder.dtype
-    return {"prompt_embeds": cond.to(dtype), "negative_prompt_embeds": uncond.to(dtype)}
+    cond, uncond, *_ = conditioning(backbone, prompts, prefix, suffix, tokens.layout, tokens.too_long, negatives,
+                                    prompt_attention=tokens.prompt_attention)
+    dtype = backbone.dtype
+    embeds = {"prompt_embeds": cond.hidden.to(dtype), "negative_prompt_embeds": uncond.hidden.to(dtype)}
+    if cond.pooled is not None:
+        embeds["pooled_prompt_embeds"] = cond.pooled.to(dtype)
+        embeds["negative_pooled_prompt_embeds"] = uncond.pooled.to(dtype)
+    return embeds
 
 
 def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
-    """Make `pipe(prompt, ...)` use the learned tokens; `remove_tokens(pipe)` undoes it. Returns `pipe`."""
+    """Make `pipe(prompt, ...)` use the learned tokens; `remove_tokens(pipe)` undoes it. Returns `pipe`.
+
+    Wraps the pipeline's `encode_prompt`: when it is asked to encode prompts, it is handed the
+    embeddings from `token_embeds` instead (and still repeats them per image as usual).
+    """
     tokens = tokens if isinstance(tokens, TokenFile) else load_tokens(tokens)
-    _backbone_for(pipe)
-    tokens.check_fits(StableDiffusion.family, int(pipe.text_encoder.config.hidden_size))
+    backbone = backbone_for_pipeline(pipe)
+    tokens.check_fits(backbone.family, backbone.hidden_size, backbone.model)
     remove_tokens(pipe)
     original = pipe.encode_prompt
+    signature = inspect.signature(original)
 
-    def encode_prompt(prompt: Any, device: Any, num_images_per_prompt: int, do_classifier_free_guidance: bool,
-                      negative_prompt: Any = None, prompt_embeds: Tensor | None = None,
-                      negative_prompt_embeds: Tensor | None = None, **kwargs: Any) -> Any:
-        if prompt_embeds is None and prompt is not None:
-            embeds = token_embeds(pipe, tokens, prompt, negative_prompt)
-            prompt_embeds = embeds["prompt_embeds"]
-            if negative_prompt_embeds is None:
-                negative_prompt_embeds = embeds["negative_prompt_embeds"]
-            prompt = negative_prompt = None
-        return original(prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
-                        prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, **kwargs)
+    def encode_prompt(*args: Any, **kwargs: Any) -> Any:
+        call = signature.bind(*args, **kwargs)
+        arguments = call.arguments
+        if arguments.get("prompt_embeds") is None and arguments.get("prompt") is not None:
+            embeds = token_embeds(pipe, tokens, arguments["prompt"], arguments.get("negative_prompt"))
+            if arguments.get("negative_prompt_embeds") is not None:  # the caller's own negatives win
+                embeds = {k: v for k, v in embeds.items() if not k.startswith("negative")}
+            for name in ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3"):
+                if name in signature.parameters:
+                    arguments[name] = None
+            arguments.update(embeds)
+        return original(*call.args, **call.kwargs)
 
     pipe.encode_prompt = encode_prompt
     pipe._ipgo_original_encode_prompt = original
     return pipe
-
 
 def remove_tokens(pipe: Any) -> Any:
     """Undo `apply_tokens`. Returns `pipe`."""

@@ -12,8 +12,13 @@ conditioning sequence is
 longest such length; shorter rows are filled with their own padding states. Either way
 n_p + L + n_s <= S must hold (the backbone truncates or rejects longer prompts).
 
-Classifier-free guidance uses the empty prompt's states with no learned tokens, cut to
-the same length: uncond = h_empty[:total].
+Classifier-free guidance uses the model family's unconditional branch with no learned
+tokens, cut to the same length: uncond = h_empty[:total] (SDXL: zeros, as its pipeline does).
+
+IPGO+ (prompt-batch): the shared tokens are made prompt-dependent by a parameter-free
+cross-attention over the prompt's real states h[:L] (no weights, so no parameters added):
+
+    P' = P + softmax(P h[:L]^T / sqrt(D)) h[:L]        and the same for Q
 
 Conformity (a soft penalty) keeps the token-mean of [P ; h[:L] ; Q] near that of h[:L]:
 
@@ -28,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ipgo.backbones.base import Backbone, PromptEmbeds, TooLong
+from ipgo.backbones.base import Backbone, Conditioning, PromptEmbeds, TooLong
 
 Layout = Literal["padded", "unpadded"]
 
@@ -82,6 +87,16 @@ def conformity(hidden: Tensor, lengths: Tensor, prefix: Tensor, suffix: Tensor) 
     return (full_mean - prompt_mean).abs().mean(dim=-1)
 
 
+def attend_to_prompt(tokens: Tensor, hidden: Tensor, lengths: Tensor) -> Tensor:
+    """IPGO+: make shared tokens prompt-dependent with a parameter-free cross-attention (see module docstring)."""
+    if tokens.shape[1] == 0:
+        return tokens
+    scores = tokens.to(hidden.dtype) @ hidden.transpose(1, 2) / hidden.shape[-1] ** 0.5  # (B, n, S)
+    real = torch.arange(hidden.shape[1], device=hidden.device)[None, None, :] < lengths.to(hidden.device)[:, None, None]
+    weights = scores.masked_fill(~real, float("-inf")).softmax(dim=-1)
+    return tokens + (weights @ hidden).to(tokens.dtype)
+
+
 def conditioning(
     backbone: Backbone,
     prompts: Sequence[str],
@@ -90,20 +105,23 @@ def conditioning(
     layout: Layout = "padded",
     too_long: TooLong = "error",
     negative_prompts: Sequence[str] | None = None,
-) -> tuple[Tensor, Tensor, PromptEmbeds]:
-    """Conditioning (B, total, D), unconditional states (B, total, D) and the prompts' embeddings.
+    prompt_attention: bool = False,
+) -> tuple[Conditioning, Conditioning, PromptEmbeds, Tensor, Tensor]:
+    """Conditioning, unconditional branch, the prompts' embeddings and the tokens as placed.
 
     The one place that turns prompts plus tokens into denoiser inputs: training, rendering
     and the diffusers integration all call it. Zero-length prefix and suffix with the padded
-    layout give exactly the plain pipeline's embeddings.
+    layout give exactly the plain pipeline's embeddings. With `prompt_attention` (IPGO+) the
+    returned prefix and suffix are the prompt-conditioned ones.
     """
     n_p, n_s = prefix.shape[1], suffix.shape[1]
     embeds = backbone.encode(prompts, reserved=n_p + n_s, too_long=too_long)
-    total = sequence_length(embeds.lengths, n_p, n_s, backbone.max_length, layout)
+    total = sequence_length(embeds.lengths, n_p, n_s, backbone.sequence_length, layout)
     device = embeds.hidden.device
-    cond = inject(embeds.hidden, embeds.lengths, prefix.to(device), suffix.to(device), total)
-    if negative_prompts is None:
-        uncond = backbone.encode([""]).hidden[:, :total].expand(len(prompts), -1, -1)
-    else:
-        uncond = backbone.encode(negative_prompts, too_long="truncate").hidden[:, :total]
-    return cond, uncond, embeds
+    prefix, suffix = prefix.to(device), suffix.to(device)
+    if prompt_attention:
+        prefix = attend_to_prompt(prefix, embeds.hidden, embeds.lengths)
+        suffix = attend_to_prompt(suffix, embeds.hidden, embeds.lengths)
+    cond = Conditioning(inject(embeds.hidden, embeds.lengths, prefix, suffix, total), embeds.pooled)
+    uncond = backbone.negative(len(prompts), total, negative_prompts)
+    return cond, uncond, embeds, prefix, suffix

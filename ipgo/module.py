@@ -26,8 +26,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ipgo.backbones.base import Backbone, TooLong
-from ipgo.backbones.sd import check_prompt_lengths
+from ipgo.backbones.base import Backbone, TooLong, check_prompt_lengths
 from ipgo.errors import UserError
 from ipgo.inject import Layout, conditioning, conformity
 from ipgo.rewards.base import Reward
@@ -113,6 +112,8 @@ class IPGOModule(L.LightningModule):
         lr_interval: step the schedule every "epoch" (prompt-wise: every step of each prompt) or "step".
         select: prompt-wise export of the "best" tokens seen (on the training seeds) or the "last".
         report_prompts: prompts rendered before/after on the held-out seeds at the end of fit.
+        prompt_attention: IPGO+ (prompt-batch): make the shared tokens prompt-dependent with a
+            parameter-free cross-attention over the prompt's states (formula in `inject.py`).
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class IPGOModule(L.LightningModule):
         lr_interval: Literal["epoch", "step"] = "epoch",
         select: Literal["best", "last"] = "best",
         report_prompts: int = 8,
+        prompt_attention: bool = False,
     ) -> None:
         super().__init__()
         if mode not in ("prompt-wise", "prompt-batch"):
@@ -153,6 +155,9 @@ class IPGOModule(L.LightningModule):
         self.lr_interval = lr_interval
         self.select = select
         self.report_prompts = report_prompts
+        if prompt_attention and mode != "prompt-batch":
+            raise ValueError("prompt_attention (IPGO+) is a prompt-batch variant: set mode=prompt-batch")
+        self.prompt_attention = prompt_attention
         self.strict_loading = False  # checkpoints hold only the tokens
         self.tokens: TokenSets | None = None
         self.best: BestTokens | None = None
@@ -223,18 +228,18 @@ class IPGOModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         prompts, index = list(batch["prompt"]), batch["index"]
         prefix, suffix = self.token_vectors(self._set_ids(index))
-        cond, uncond, embeds = conditioning(self.backbone, prompts, prefix, suffix, self.layout, self.too_long)
+        cond, uncond, embeds, placed_prefix, placed_suffix = conditioning(
+            self.backbone, prompts, prefix, suffix, self.layout, self.too_long, prompt_attention=self.prompt_attention
+        )
         n_seeds = len(self.seeds.train)
         noise = initial_noise(
             self.backbone, self.sampler_config, self.seeds.for_items(index.tolist(), self.current_epoch), self.device
         )
-        images = self.sampler(
-            self.backbone, cond.repeat_interleave(n_seeds, 0), uncond.repeat_interleave(n_seeds, 0), noise
-        )
+        images = self.sampler(self.backbone, cond.repeat_interleave(n_seeds), uncond.repeat_interleave(n_seeds), noise)
         rewards = self.reward(images, [p for p in prompts for _ in range(n_seeds)]).view(len(prompts), n_seeds)
         self._check_finite(rewards, prompts)
         reward = rewards.mean(dim=1)  # (B,)
-        penalty = conformity(embeds.hidden, embeds.lengths, prefix, suffix)
+        penalty = conformity(embeds.hidden, embeds.lengths, placed_prefix, placed_suffix)
         losses = -reward + self.conformity_weight * penalty
         loss = losses.sum() if self.prompt_wise else losses.mean()
         if self.best is not None:
@@ -281,13 +286,14 @@ class IPGOModule(L.LightningModule):
         if prefix is None:
             dim = self.backbone.hidden_size
             prefix = suffix = torch.zeros(len(prompts), 0, dim, device=self.device)
-            layout, too_long = "padded", "truncate"
+            layout, too_long, attention = "padded", "truncate", False
         else:
-            layout, too_long = self.layout, self.too_long
-        cond, uncond, _ = conditioning(self.backbone, prompts, prefix, suffix, layout, too_long)
+            layout, too_long, attention = self.layout, self.too_long, self.prompt_attention
+        cond, uncond, *_ = conditioning(self.backbone, prompts, prefix, suffix, layout, too_long,
+                                        prompt_attention=attention)
         n = len(seeds)
         noise = initial_noise(self.backbone, self.sampler_config, [s for _ in prompts for s in seeds], self.device)
-        return self.sampler(self.backbone, cond.repeat_interleave(n, 0), uncond.repeat_interleave(n, 0), noise)
+        return self.sampler(self.backbone, cond.repeat_interleave(n), uncond.repeat_interleave(n), noise)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], seeds: Sequence[int], prefix: Tensor | None = None,

@@ -40,6 +40,7 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
         too_long=module.too_long,
         mode=module.mode,
         prompts=list(module.prompts) if module.prompt_wise else None,
+        prompt_attention=module.prompt_attention,
         extra=module.metadata(),
     )
     tokens_path = save_tokens(run_dir / "tokens.safetensors", token_file)

@@ -25,19 +25,21 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     LMSDiscreteScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from ipgo.backbones.base import Backbone
+from ipgo.backbones.base import Backbone, Conditioning
 
-SchedulerName = Literal["ddim", "euler", "lms", "dpmpp_2m"]
+SchedulerName = Literal["ddim", "euler", "lms", "dpmpp_2m", "flow_euler"]
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
     "euler": (EulerDiscreteScheduler, {}),
     "lms": (LMSDiscreteScheduler, {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "flow_euler": (FlowMatchEulerDiscreteScheduler, {}),
 }
 
 
@@ -47,6 +49,11 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
         cls, overrides = SCHEDULERS[name]
     except KeyError:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}") from None
+    flow_model = str(config.get("_class_name", "")).startswith("FlowMatch")
+    if flow_model != (name == "flow_euler"):
+        kind = "a flow-matching model (SD 3): use scheduler flow_euler" if flow_model else (
+            "a diffusion model: flow_euler is for flow-matching models (SD 3)")
+        raise ValueError(f"scheduler {name!r} does not fit {kind}")
     return cls.from_config(config, **overrides)
 
 
@@ -55,7 +62,7 @@ class SamplerConfig:
     """How images are sampled during optimisation and rendering."""
 
     scheduler: SchedulerName = "lms"
-    """Scheduler: ddim, euler, lms or dpmpp_2m (DPM-Solver++ 2M), built from the model's config."""
+    """Scheduler: ddim, euler, lms, dpmpp_2m (DPM-Solver++ 2M) or flow_euler (SD 3), from the model's config."""
     num_steps: int = 50
     """Total denoising steps T."""
     grad_steps: int = 2
@@ -91,13 +98,13 @@ class TruncatedSampler:
     def __init__(self, config: SamplerConfig) -> None:
         self.config = config
 
-    def __call__(self, backbone: Backbone, cond: Tensor, uncond: Tensor, noise: Tensor) -> Tensor:
+    def __call__(self, backbone: Backbone, cond: Conditioning, uncond: Conditioning, noise: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [0, 1].
 
         Args:
             backbone: the loaded model.
-            cond: conditioning (B, S', D), differentiable.
-            uncond: unconditional states (B, S', D).
+            cond: conditioning, states (B, S', D) differentiable.
+            uncond: the unconditional branch, same shapes.
             noise: initial noise (B, C, h, w) from `initial_noise`.
         """
         scheduler = make_scheduler(self.config.scheduler, backbone.scheduler_config)
@@ -105,20 +112,22 @@ class TruncatedSampler:
         timesteps = scheduler.timesteps
         n_free = len(timesteps) - self.config.grad_steps
         guided = self.config.guidance_scale > 1
-        hidden = torch.cat([uncond, cond]) if guided else cond  # (2B or B, S', D)
-        latents = noise * scheduler.init_noise_sigma
+        both = Conditioning.cat(uncond, cond) if guided else cond  # states (2B or B, S', D)
+        latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)
         with torch.no_grad():
-            frozen = hidden.detach()
+            frozen = both.detach()
             for t in timesteps[:n_free]:
                 latents = self._step(backbone, scheduler, latents, t, frozen, guided)
         for t in timesteps[n_free:]:
-            latents = self._step(backbone, scheduler, latents, t, hidden, guided)
+            latents = self._step(backbone, scheduler, latents, t, both, guided)
         return backbone.decode(latents)
 
-    def _step(self, backbone: Backbone, scheduler: Any, latents: Tensor, t: Tensor, hidden: Tensor,
+    def _step(self, backbone: Backbone, scheduler: Any, latents: Tensor, t: Tensor, cond: Conditioning,
               guided: bool) -> Tensor:
-        model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-        prediction = backbone.denoise(model_input, t, hidden)
+        model_input = torch.cat([latents] * 2) if guided else latents
+        if hasattr(scheduler, "scale_model_input"):  # flow matching has none
+            model_input = scheduler.scale_model_input(model_input, t)
+        prediction = backbone.denoise(model_input, t, cond)
         if guided:
             uncond_pred, cond_pred = prediction.chunk(2)
             prediction = uncond_pred + self.config.guidance_scale * (cond_pred - uncond_pred)

@@ -153,6 +153,91 @@ def tiny_sd_path(root: str | os.PathLike | None = None) -> Path:
     return _build_once(root, name, _build_sd)
 
 
+# SD 2.x-shaped: linear projections, per-level head dims, "!" padding, v-prediction; text width 64, so
+# its tokens do not fit SD 1.x's 32-wide ones.
+_SD2_UNET = dict(_SD_UNET, cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True)
+_SD2_TEXT = dict(_SD_TEXT, hidden_size=64, hidden_act="gelu")
+_SD2_SCHEDULER = dict(_SD_SCHEDULER, prediction_type="v_prediction")
+# SDXL-shaped (diffusers' own test sizes): two 32-wide encoders -> 64-wide states, pooled 32, 6 time ids x 8.
+_SDXL_UNET = dict(
+    _SD_UNET, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=8,
+    transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+)  # fmt: skip
+_SDXL_TEXT = dict(_SD_TEXT, hidden_act="gelu", projection_dim=32)
+_SDXL_SCHEDULER = dict(_SD_SCHEDULER, timestep_spacing="leading")
+# SD 3-shaped: a one-layer MMDiT; CLIP 32 + 32 = joint width 64, pooled 64; no T5 (zeros, as the pipeline does).
+_SD3_TRANSFORMER = dict(
+    sample_size=16, patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+    num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64,
+)  # fmt: skip
+_SD3_VAE = dict(_SD_VAE, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _pad_bang_tokenizer() -> CLIPTokenizer:
+    """The CLIP tokenizer with "!" as padding, as SD 2.x and SDXL's second tokenizer have."""
+    vocab, merges = _clip_vocab()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77, pad_token="!")
+
+
+def _build_sd2(path: Path) -> None:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    StableDiffusionPipeline(
+        vae=AutoencoderKL(**_SD_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**_SD2_TEXT)),
+        tokenizer=_pad_bang_tokenizer(), unet=UNet2DConditionModel(**_SD2_UNET),
+        scheduler=DDIMScheduler.from_config(dict(_SD2_SCHEDULER)), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(path)
+
+
+def tiny_sd2_path(root: str | os.PathLike | None = None) -> Path:
+    """Build (once) a tiny random SD 2.x-shaped pipeline folder (v-prediction, text width 64)."""
+    return _build_once(root, f"tiny-sd2-{_recipe_hash(_SD2_UNET, _SD_VAE, _SD2_TEXT, _SD2_SCHEDULER)}", _build_sd2)
+
+
+def _build_sdxl(path: Path) -> None:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**_SD_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**_SDXL_TEXT)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_SDXL_TEXT)), tokenizer=clip_tokenizer(),
+        tokenizer_2=_pad_bang_tokenizer(), unet=UNet2DConditionModel(**_SDXL_UNET),
+        scheduler=EulerDiscreteScheduler.from_config(dict(_SDXL_SCHEDULER)),
+    ).save_pretrained(path)
+
+
+def tiny_sdxl_path(root: str | os.PathLike | None = None) -> Path:
+    """Build (once) a tiny random SDXL-shaped pipeline folder (two text encoders, pooled, time ids)."""
+    name = f"tiny-sdxl-{_recipe_hash(_SDXL_UNET, _SD_VAE, _SDXL_TEXT, _SDXL_SCHEDULER)}"
+    return _build_once(root, name, _build_sdxl)
+
+
+def _build_sd3(path: Path) -> None:
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**_SD3_TRANSFORMER), scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=AutoencoderKL(**_SD3_VAE), text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**_SDXL_TEXT)),
+        tokenizer=clip_tokenizer(), text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_SDXL_TEXT)),
+        tokenizer_2=_pad_bang_tokenizer(), text_encoder_3=None, tokenizer_3=None,
+    ).save_pretrained(path)
+
+
+def tiny_sd3_path(root: str | os.PathLike | None = None) -> Path:
+    """Build (once) a tiny random SD 3-shaped pipeline folder (MMDiT, two CLIP encoders, no T5)."""
+    return _build_once(root, f"tiny-sd3-{_recipe_hash(_SD3_TRANSFORMER, _SD3_VAE, _SDXL_TEXT)}", _build_sd3)
+
+
 def _build_clip(path: Path) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
@@ -196,13 +281,10 @@ def tiny_aesthetic_head_path(root: str | os.PathLike | None = None) -> Path:
 
 
 def _build_hps(path: Path) -> None:
-    import open_clip
+    from open_clip.model import CLIP
 
-    config = path / f"{TINY_OPEN_CLIP_NAME}.json"
-    config.write_text(json.dumps(_OPEN_CLIP, indent=2))
-    open_clip.add_model_config(config)
-    model = open_clip.create_model(TINY_OPEN_CLIP_NAME, pretrained=None)
-    torch.save(model.state_dict(), path / "hps.pt")
+    (path / f"{TINY_OPEN_CLIP_NAME}.json").write_text(json.dumps(_OPEN_CLIP, indent=2))
+    torch.save(CLIP(**copy.deepcopy(_OPEN_CLIP)).state_dict(), path / "hps.pt")  # create_model's keys
 
 
 def tiny_hps_checkpoint_path(root: str | os.PathLike | None = None) -> Path:
@@ -227,6 +309,9 @@ class UnknownTinyModelError(UserError, ValueError):
 
 TINY_SOURCES: dict[str, Callable[[], Path]] = {
     "tiny:sd1": tiny_sd_path,
+    "tiny:sd2": tiny_sd2_path,
+    "tiny:sdxl": tiny_sdxl_path,
+    "tiny:sd3": tiny_sd3_path,
     "tiny:clip": tiny_clip_path,
     "tiny:aesthetic-head": tiny_aesthetic_head_path,
     "tiny:hps": tiny_hps_checkpoint_path,
@@ -247,3 +332,62 @@ def is_tiny(source: str | os.PathLike) -> bool:
 def resolve_source(source: str | os.PathLike) -> str:
     """The local path of a "tiny:..." name (building it once, in the cache); other sources unchanged."""
     return str(TINY_SOURCES[os.fspath(source)]()) if is_tiny(source) else os.fspath(source)
+
+
+# ImageReward: BLIP ViT (32 px, patch 8) + 32-wide cross-attending BERT, a small BERT vocabulary.
+_IMAGE_REWARD = dict(
+    vision=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, initializer_range=0.02),
+    text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=64),
+)  # fmt: skip
+_BERT_WORDS = (
+    "a an the of on in with and at by photo painting picture oil cat dog moon lighthouse red blue sky house "
+    "man woman tree city night"
+).split()
+
+
+def _tiny_bert_tokenizer():  # -> transformers.BertTokenizer
+    """A small uncased WordPiece tokenizer with BLIP's extra ``[DEC]`` (bos) and ``[ENC]`` tokens."""
+    import string
+
+    from transformers import BertTokenizer
+
+    pieces = [*string.ascii_lowercase, *string.digits, *string.punctuation]
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_BERT_WORDS, *pieces, *(f"##{c}" for c in pieces)]
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(tokens))})
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    return tokenizer
+
+
+def _build_image_reward(path: Path) -> None:
+    from ipgo.rewards.image_reward import build_model, to_imagereward_key
+
+    tokenizer = _tiny_bert_tokenizer()
+    config = copy.deepcopy(_IMAGE_REWARD)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    config["text"].update(vocab_size=len(tokenizer), sep_token_id=tokenizer.sep_token_id,
+                          eos_token_id=tokenizer.sep_token_id, **ids)  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(path)
+    model = build_model(config["vision"], {**config["text"], "encoder_hidden_size": config["vision"]["hidden_size"]})
+    state = {to_imagereward_key(k): v.contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, path / "ImageReward.pt")  # the published names: loading goes through the key mapping
+
+
+def tiny_image_reward_path(root: str | os.PathLike | None = None) -> Path:
+    """Build (once) a random ImageReward model folder in the published checkpoint format.
+
+    Args:
+        root: Cache root; defaults to ``$IPGO_CACHE`` or ``~/.cache/ipgo``.
+
+    Returns:
+        A folder with ``ImageReward.pt`` (``blip.visual_encoder.*``, ``blip.text_encoder.*``,
+        ``mlp.layers.*`` keys), ``config.json`` (``{"vision": ..., "text": ...}`` sizes) and the
+        tokenizer files of a small BERT vocabulary with ``[DEC]`` and ``[ENC]``.
+    """
+    name = f"tiny-image-reward-{_recipe_hash(_IMAGE_REWARD, _BERT_WORDS)}"
+    return _build_once(root, name, _build_image_reward)
+
+
+TINY_SOURCES["tiny:image-reward"] = tiny_image_reward_path

@@ -1,6 +1,31 @@
 """Model families behind one protocol (see `base.py`)."""
 
-from ipgo.backbones.base import Backbone, ModelNotFoundError, PromptEmbeds
-from ipgo.backbones.sd import PromptTooLongError, StableDiffusion
+from typing import Any
 
-__all__ = ["Backbone", "ModelNotFoundError", "PromptEmbeds", "PromptTooLongError", "StableDiffusion"]
+from ipgo.backbones.base import Backbone, Conditioning, ModelNotFoundError, PromptEmbeds, PromptTooLongError
+from ipgo.backbones.sd import StableDiffusion
+from ipgo.backbones.sd3 import StableDiffusion3
+from ipgo.backbones.sdxl import StableDiffusionXL
+from ipgo.errors import UserError
+
+FAMILIES: dict[str, type[Backbone]] = {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "sd3": StableDiffusion3}
+
+
+def backbone_for_pipeline(pipe: Any) -> Backbone:
+    """The adapter of a loaded diffusers pipeline's family, sharing its components."""
+    if getattr(pipe, "transformer", None) is not None and hasattr(pipe, "text_encoder_3"):
+        return StableDiffusion3.from_pipeline(pipe)
+    if getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "unet", None) is not None:
+        return StableDiffusionXL.from_pipeline(pipe)
+    if getattr(pipe, "unet", None) is not None and getattr(pipe, "text_encoder", None) is not None:
+        return StableDiffusion.from_pipeline(pipe)
+    raise UserError(
+        f"{type(pipe).__name__} is not a pipeline ipgo knows: use a StableDiffusionPipeline, "
+        "StableDiffusionXLPipeline or StableDiffusion3Pipeline"
+    )
+
+
+__all__ = [
+    "FAMILIES", "Backbone", "Conditioning", "ModelNotFoundError", "PromptEmbeds", "PromptTooLongError",
+    "StableDiffusion", "StableDiffusion3", "StableDiffusionXL", "backbone_for_pipeline",
+]

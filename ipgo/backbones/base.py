@@ -9,6 +9,7 @@ load), `load()` the weights. Backbones are `nn.Module`s so that Lightning moves 
 from __future__ import annotations
 
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,18 +30,34 @@ class PromptEmbeds:
     """A batch of encoded prompts.
 
     hidden: (B, S, D) text-encoder states over the prompt padded to the model's length S.
-    lengths: (B,) real tokens per prompt, BOS and EOS included.
+    lengths: (B,) real tokens per prompt, BOS and EOS included (where learned tokens go around).
+    pooled: (B, P) pooled text embedding, for families that use one (SDXL, SD 3).
     """
 
     hidden: Tensor
     lengths: Tensor
+    pooled: Tensor | None = None
 
-    def __getitem__(self, index: Any) -> PromptEmbeds:
-        return PromptEmbeds(self.hidden[index], self.lengths[index])
+
+@dataclass
+class Conditioning:
+    """What the denoiser is conditioned on: token states (B, S', D) and an optional pooled (B, P)."""
+
+    hidden: Tensor
+    pooled: Tensor | None = None
+
+    def repeat_interleave(self, n: int) -> Conditioning:
+        pooled = None if self.pooled is None else self.pooled.repeat_interleave(n, 0)
+        return Conditioning(self.hidden.repeat_interleave(n, 0), pooled)
+
+    def detach(self) -> Conditioning:
+        return Conditioning(self.hidden.detach(), None if self.pooled is None else self.pooled.detach())
 
     @staticmethod
-    def cat(items: Sequence[PromptEmbeds]) -> PromptEmbeds:
-        return PromptEmbeds(torch.cat([e.hidden for e in items]), torch.cat([e.lengths for e in items]))
+    def cat(first: Conditioning, second: Conditioning) -> Conditioning:
+        """Batch-concatenate (unconditional first, as diffusers pipelines do)."""
+        pooled = None if first.pooled is None else torch.cat([first.pooled, second.pooled])
+        return Conditioning(torch.cat([first.hidden, second.hidden]), pooled)
 
 
 class ModelNotFoundError(UserError, FileNotFoundError):
@@ -97,60 +114,249 @@ def torch_dtype(name: DType) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; choose float32, float16 or bfloat16") from None
 
 
+class PromptTooLongError(UserError, ValueError):
+    """A prompt that does not fit beside the learned tokens."""
+
+
+def check_prompt_lengths(
+    prompts: Sequence[str], lengths: Sequence[int], budget: int, reserved: int, too_long: TooLong
+) -> None:
+    """Apply the too-long policy: raise on the first prompt over budget, or warn and let it be cut."""
+    over = [(i, p, n) for i, (p, n) in enumerate(zip(prompts, lengths)) if n > budget]
+    if not over:
+        return
+    i, prompt, n = over[0]
+    shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    what = (
+        f"prompt {i} ({shown!r}) has {n} tokens but only {budget} fit beside the {reserved} learned tokens"
+        + (f" ({len(over)} prompts are too long)" if len(over) > 1 else "")
+    )
+    if too_long == "error":
+        raise PromptTooLongError(
+            f"{what}. Shorten the prompt, learn fewer tokens (model.tokens.n_prefix / n_suffix), "
+            "or set model.too_long=truncate to cut it."
+        )
+    if too_long == "truncate":
+        warnings.warn(f"{what}: truncating to {budget} tokens (model.too_long=truncate).", stacklevel=3)
+        return
+    raise ValueError(f"unknown too_long policy {too_long!r}; choose 'error' or 'truncate'")
+
+
+@torch.no_grad()
+def encode_clip(
+    tokenizer: Any, text_encoder: nn.Module, prompts: Sequence[str], budget: int, max_length: int,
+    penultimate: bool = False,
+) -> tuple[Tensor, list[int], Tensor | None]:
+    """CLIP text states (B, S, D) of prompts cut to `budget` tokens and padded to `max_length`, as
+    diffusers pipelines encode them (no attention mask); the real lengths; the projected pooled
+    embedding when the encoder has a projection (else None)."""
+    ids = tokenizer(list(prompts), truncation=True, max_length=budget).input_ids
+    pad = tokenizer.pad_token_id
+    device = next(text_encoder.parameters()).device
+    padded = torch.tensor([row + [pad] * (max_length - len(row)) for row in ids], device=device)
+    out = text_encoder(padded, output_hidden_states=penultimate)
+    hidden = out.hidden_states[-2] if penultimate else out.last_hidden_state
+    return hidden, [len(row) for row in ids], getattr(out, "text_embeds", None)
+
+
 class Backbone(nn.Module, ABC):
-    """A frozen text-to-image model behind one small protocol."""
+    """A frozen text-to-image model behind one small protocol.
+
+    Subclasses name their parts, load them, and implement `_encode_batch`, `negative`,
+    `latent_shape`, `denoise` and `decode`; this base class caches prompt encodings and applies
+    the too-long policy.
+
+    Args:
+        model: hub id or local folder written by `save_pretrained`; "tiny:..." names a built-in tiny model.
+        dtype: dtype of the frozen weights; learned tokens stay float32.
+        revision: hub revision.
+        variant: weight variant, e.g. "fp16".
+        gradient_checkpointing: recompute the denoiser's and VAE's activations in the backward pass.
+    """
 
     family: ClassVar[str]
     """Model family written into token files ("sd", "sdxl", "sd3")."""
-    model: str
-    """Hub id or local folder the weights come from."""
+    pipeline_parts: ClassVar[tuple[str, ...]]
+    """Attribute names shared with the family's diffusers pipeline."""
 
-    @property
-    @abstractmethod
-    def hidden_size(self) -> int:
-        """Width D of the text encoder's output states."""
+    def __init__(
+        self,
+        model: str,
+        dtype: DType = "float32",
+        revision: str | None = None,
+        variant: str | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        from ipgo.testing import is_tiny
 
-    @property
-    @abstractmethod
-    def max_length(self) -> int:
-        """Sequence length S the text encoder is run at (77 for CLIP)."""
+        if not is_tiny(model):
+            check_model_source(model)
+        torch_dtype(dtype)
+        self.model = model
+        self.dtype_name = dtype
+        self.revision = revision
+        self.variant = variant
+        self.gradient_checkpointing = gradient_checkpointing
+        for part in self.pipeline_parts:
+            setattr(self, part, None)
+        self._scheduler_config: dict[str, Any] | None = None
+        self._pipeline_config: dict[str, Any] = {}
+        self._cache: dict[tuple[str, int, str], tuple[Tensor, int, int, Tensor | None]] = {}
 
+    @classmethod
+    def from_pipeline(cls, pipe: Any) -> Backbone:
+        """Wrap the components of a loaded diffusers pipeline (nothing is reloaded)."""
+        backbone = cls.__new__(cls)
+        nn.Module.__init__(backbone)
+        backbone.model = str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", ""))
+        dtypes = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+        backbone.dtype_name = dtypes.get(getattr(pipe, "dtype", torch.float32), "float32")
+        backbone.revision = backbone.variant = None
+        backbone.gradient_checkpointing = False
+        for part in cls.pipeline_parts:
+            setattr(backbone, part, getattr(pipe, part, None))
+        backbone._scheduler_config = dict(pipe.scheduler.config)
+        backbone._pipeline_config = dict(pipe.config)
+        backbone._cache = {}
+        return backbone
+
+    # -- loading ----------------------------------------------------------------------------
     @property
-    @abstractmethod
-    def scheduler_config(self) -> dict[str, Any]:
-        """The model's own scheduler config, from which samplers build their scheduler."""
+    def source(self) -> str:
+        """Where weights are read from: the model, or the folder of a "tiny:..." model."""
+        from ipgo.testing import resolve_source
+
+        return resolve_source(self.model)
+
+    def _from_pretrained(self, cls: Any, subfolder: str, what: str, **kwargs: Any) -> Any:
+        try:
+            return cls.from_pretrained(self.source, subfolder=subfolder, revision=self.revision, **kwargs)
+        except OSError as error:
+            raise load_error(self.model, what, error) from error
+
+    def _load_tokenizer(self, subfolder: str) -> Any:
+        from transformers import AutoTokenizer
+
+        tokenizer = self._from_pretrained(AutoTokenizer, subfolder, subfolder)
+        if len(tokenizer) <= 3:  # transformers 5 builds a 2-token tokenizer when no files are found
+            raise load_error(self.model, subfolder, OSError("no tokenizer files were found"))
+        return tokenizer
+
+    def _load_weights(self, cls: Any, subfolder: str, what: str, dtype: torch.dtype | None = None) -> nn.Module:
+        part = self._from_pretrained(cls, subfolder, what, dtype=dtype or self.dtype, variant=self.variant)
+        return part.requires_grad_(False).eval()
+
+    def _load_configs(self) -> None:
+        from diffusers import DDIMScheduler, DiffusionPipeline
+
+        try:
+            self._scheduler_config = dict(
+                DDIMScheduler.load_config(self.source, subfolder="scheduler", revision=self.revision)
+            )
+            self._pipeline_config = dict(DiffusionPipeline.load_config(self.source, revision=self.revision))
+        except OSError as error:
+            raise load_error(self.model, "scheduler config", error) from error
 
     @abstractmethod
     def load_tokenizer(self) -> None:
-        """Load the tokenizer only (cheap)."""
+        """Load the tokenizer(s) only (cheap), so prompts can be checked before weights load."""
 
     @abstractmethod
     def load(self) -> None:
         """Load every frozen part (idempotent)."""
 
-    @abstractmethod
+    def train(self, mode: bool = True) -> Backbone:
+        """Frozen parts stay in eval mode whatever the trainer asks."""
+        return super().train(False)
+
+    def _loaded(self, part: Any) -> Any:
+        if part is None:
+            raise RuntimeError(f"{type(self).__name__}({self.model!r}) is not loaded yet: call .load() first")
+        return part
+
+    # -- prompts ----------------------------------------------------------------------------
+    @property
+    def max_length(self) -> int:
+        """Length S of the CLIP token sequence the text encoder runs at (77)."""
+        self.load_tokenizer()
+        return int(self.tokenizer.model_max_length)
+
+    @property
+    def sequence_length(self) -> int:
+        """Length of the whole conditioning sequence (more than `max_length` where T5 follows CLIP)."""
+        return self.max_length
+
     def token_lengths(self, prompts: Sequence[str]) -> list[int]:
         """Real tokens of each prompt without truncation, BOS and EOS included."""
+        self.load_tokenizer()
+        return [len(ids) for ids in self.tokenizer(list(prompts), truncation=False).input_ids]
+
+    def encode(self, prompts: Sequence[str], reserved: int = 0, too_long: TooLong = "error") -> PromptEmbeds:
+        """Encode prompts (each once, then cached), leaving `reserved` positions for learned tokens."""
+        budget = self.max_length - reserved
+        device = str(self._device())
+        missing = [p for p in dict.fromkeys(prompts) if (p, budget, device) not in self._cache]
+        if missing:
+            hidden, lengths, pooled = self._encode_batch(missing, budget)
+            for i, (prompt, full) in enumerate(zip(missing, self.token_lengths(missing))):
+                self._cache[(prompt, budget, device)] = (
+                    hidden[i], lengths[i], full, None if pooled is None else pooled[i]
+                )
+        rows = [self._cache[(p, budget, device)] for p in prompts]
+        check_prompt_lengths(prompts, [row[2] for row in rows], budget, reserved, too_long)
+        pooled_rows = [row[3] for row in rows]
+        return PromptEmbeds(
+            torch.stack([row[0] for row in rows]),
+            torch.tensor([row[1] for row in rows], device=rows[0][0].device),
+            None if pooled_rows[0] is None else torch.stack(pooled_rows),
+        )
 
     @abstractmethod
-    def encode(self, prompts: Sequence[str], reserved: int = 0, too_long: TooLong = "error") -> PromptEmbeds:
-        """Encode prompts, leaving `reserved` positions of the sequence for learned tokens."""
+    def _encode_batch(self, prompts: list[str], budget: int) -> tuple[Tensor, list[int], Tensor | None]:
+        """States (B, sequence_length, D), real lengths and pooled (B, P) or None; see `encode_clip`."""
+
+    @abstractmethod
+    def negative(self, batch: int, total: int, prompts: Sequence[str] | None = None) -> Conditioning:
+        """The unconditional branch (no learned tokens) cut to `total` tokens, from negative prompts if given."""
+
+    def _device(self) -> torch.device:
+        return next(self._loaded(self.text_encoder).parameters()).device
+
+    # -- images -----------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        """Width D of the conditioning states the learned tokens live in."""
+        return int(self.encode([""]).hidden.shape[-1])
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        """The model's own scheduler config, from which samplers build their scheduler."""
+        return self._loaded(self._scheduler_config)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self._loaded(self.vae).config.block_out_channels) - 1)
 
     @abstractmethod
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         """Shape of the initial noise for images of height x width."""
 
     @abstractmethod
-    def denoise(self, latents: Tensor, timestep: Tensor, hidden: Tensor) -> Tensor:
-        """The denoiser's prediction for latents conditioned on hidden states."""
+    def denoise(self, latents: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        """The denoiser's prediction for latents under a conditioning."""
 
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] from latents (differentiable)."""
 
+    def _check_size(self, height: int, width: int) -> int:
+        factor = self.vae_scale_factor
+        if height % factor or width % factor:
+            raise ValueError(f"height and width must be multiples of {factor} for {self.model!r}")
+        return factor
+
     @property
     def dtype(self) -> torch.dtype:
         """dtype of the frozen weights."""
         return torch_dtype(self.dtype_name)
-
-    dtype_name: DType = "float32"

@@ -3,5 +3,20 @@
 from ipgo.rewards.aesthetic import Aesthetic
 from ipgo.rewards.base import Reward, differentiable_preprocess
 from ipgo.rewards.clip_score import ClipScore
+from ipgo.rewards.combine import REWARDS, CombinedReward, RewardTerm, UnknownRewardError, reward_class
+from ipgo.rewards.hps import HPSv2
+from ipgo.rewards.pickscore import PickScore
 
-__all__ = ["Aesthetic", "ClipScore", "Reward", "differentiable_preprocess"]
+__all__ = [
+    "REWARDS",
+    "Aesthetic",
+    "ClipScore",
+    "CombinedReward",
+    "HPSv2",
+    "PickScore",
+    "Reward",
+    "RewardTerm",
+    "UnknownRewardError",
+    "differentiable_preprocess",
+    "reward_class",
+]

@@ -1,0 +1,119 @@
+"""Stable Diffusion 3 / 3.5: MMDiT transformer over a joint CLIP-L + CLIP-G + T5 sequence, flow matching.
+
+The conditioning sequence is [CLIP part (77) ; T5 part (max_sequence_length)], 4096 wide for
+SD 3: the CLIP part is the two CLIP encoders' penultimate states concatenated per token and
+zero-padded to the T5 width. Learned tokens (4096 wide) are placed around the prompt's real
+CLIP tokens; with the padded layout the sequence keeps its length, so the last T5 padding
+states give way. The pooled embedding (both CLIP projections, 2048) is the prompt's own. The
+unconditional branch encodes the empty prompt, as the pipeline does. A model folder without
+T5 (`text_encoder_3` null) gets zeros for the T5 part, exactly like the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ipgo.backbones.base import Backbone, Conditioning, DType, encode_clip
+from ipgo.backbones.sd import decode_vae
+
+
+class StableDiffusion3(Backbone):
+    """SD 3 / 3.5 (`StableDiffusion3Pipeline` layout); see `Backbone` for the arguments.
+
+    Args:
+        max_sequence_length: T5 tokens, as the pipeline's `max_sequence_length` (256 by default).
+    """
+
+    family: ClassVar[str] = "sd3"
+    pipeline_parts: ClassVar[tuple[str, ...]] = (
+        "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3",
+        "transformer", "vae",
+    )
+
+    def __init__(
+        self,
+        model: str = "stabilityai/stable-diffusion-3-medium-diffusers",
+        dtype: DType = "float32",
+        revision: str | None = None,
+        variant: str | None = None,
+        gradient_checkpointing: bool = False,
+        max_sequence_length: int = 256,
+    ) -> None:
+        super().__init__(model, dtype, revision, variant, gradient_checkpointing)
+        self.max_sequence_length = max_sequence_length
+
+    @classmethod
+    def from_pipeline(cls, pipe: object) -> StableDiffusion3:
+        backbone = super().from_pipeline(pipe)
+        backbone.max_sequence_length = 256
+        return backbone
+
+    def load_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = self._load_tokenizer("tokenizer")
+            self.tokenizer_2 = self._load_tokenizer("tokenizer_2")
+
+    def load(self) -> None:
+        if self.transformer is not None:
+            return
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+        self.load_tokenizer()
+        self._load_configs()
+        self.text_encoder = self._load_weights(CLIPTextModelWithProjection, "text_encoder", "text encoder")
+        self.text_encoder_2 = self._load_weights(CLIPTextModelWithProjection, "text_encoder_2", "second text encoder")
+        if (self._pipeline_config.get("text_encoder_3") or [None])[0] is not None:
+            self.tokenizer_3 = self._load_tokenizer("tokenizer_3")
+            self.text_encoder_3 = self._load_weights(T5EncoderModel, "text_encoder_3", "T5 text encoder")
+        self.transformer = self._load_weights(SD3Transformer2DModel, "transformer", "transformer")
+        self.vae = self._load_weights(AutoencoderKL, "vae", "VAE")
+        if self.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+            self.vae.enable_gradient_checkpointing()
+
+    @property
+    def sequence_length(self) -> int:
+        return self.max_length + self.max_sequence_length
+
+    def _encode_batch(self, prompts: list[str], budget: int) -> tuple[Tensor, list[int], Tensor | None]:
+        first, lengths, pooled_1 = encode_clip(self.tokenizer, self._loaded(self.text_encoder), prompts, budget,
+                                               self.max_length, penultimate=True)
+        second, _, pooled_2 = encode_clip(self.tokenizer_2, self.text_encoder_2, prompts, budget, self.max_length,
+                                          penultimate=True)
+        t5 = self._t5(prompts, first.dtype)
+        clip = F.pad(torch.cat([first, second], dim=-1), (0, t5.shape[-1] - first.shape[-1] - second.shape[-1]))
+        return torch.cat([clip, t5], dim=-2), lengths, torch.cat([pooled_1, pooled_2], dim=-1)
+
+    @torch.no_grad()
+    def _t5(self, prompts: list[str], dtype: torch.dtype) -> Tensor:
+        device = self._device()
+        if self.text_encoder_3 is None:
+            width = self._loaded(self.transformer).config.joint_attention_dim
+            return torch.zeros(len(prompts), self.max_sequence_length, width, device=device, dtype=dtype)
+        ids = self.tokenizer_3(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                               add_special_tokens=True, return_tensors="pt").input_ids
+        return self.text_encoder_3(ids.to(device))[0].to(dtype)
+
+    def negative(self, batch: int, total: int, prompts: Sequence[str] | None = None) -> Conditioning:
+        embeds = self.encode(prompts if prompts is not None else [""] * batch, too_long="truncate")
+        return Conditioning(embeds.hidden[:, :total], embeds.pooled)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        factor = self._check_size(height, width)
+        return (batch, int(self._loaded(self.transformer).config.in_channels), height // factor, width // factor)
+
+    def denoise(self, latents: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        transformer = self._loaded(self.transformer)
+        return transformer(hidden_states=latents, timestep=timestep.expand(latents.shape[0]),
+                           encoder_hidden_states=cond.hidden.to(transformer.dtype),
+                           pooled_projections=cond.pooled.to(transformer.dtype), return_dict=False)[0]
+
+    def decode(self, latents: Tensor) -> Tensor:
+        vae = self._loaded(self.vae)
+        return decode_vae(vae, latents, shift=vae.config.shift_factor or 0.0)

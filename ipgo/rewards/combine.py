@@ -1,0 +1,169 @@
+"""A weighted sum of rewards, each optionally normalised, and the registry of reward names.
+
+``loss = -CombinedReward(images, prompts)`` trains on all terms at once; after each call,
+``components`` holds every term's raw scores for logging.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from ipgo.errors import UserError
+from ipgo.rewards.aesthetic import Aesthetic
+from ipgo.rewards.base import Reward
+from ipgo.rewards.clip_score import ClipScore
+from ipgo.rewards.hps import HPSv2
+from ipgo.rewards.pickscore import PickScore
+
+Normalize = Literal["none", "running", "fixed"]
+
+REWARDS: dict[str, type[Reward]] = {
+    "clip_score": ClipScore,
+    "aesthetic": Aesthetic,
+    "hpsv2": HPSv2,
+    "pickscore": PickScore,
+}
+"""Reward classes by the names configs use."""
+
+
+class UnknownRewardError(UserError, ValueError):
+    """A reward name that is not in ``REWARDS``."""
+
+
+class RewardConfigError(UserError, ValueError):
+    """A reward term with an invalid setting."""
+
+
+def reward_class(name: str) -> type[Reward]:
+    """The reward class registered under ``name``.
+
+    Raises:
+        UnknownRewardError: If ``name`` is not registered; the message lists the known names.
+    """
+    try:
+        return REWARDS[name]
+    except KeyError:
+        raise UnknownRewardError(f"unknown reward {name!r}; the known rewards are {', '.join(REWARDS)}") from None
+
+
+@dataclass
+class RewardTerm:
+    """One term of a ``CombinedReward``.
+
+    Attributes:
+        reward: The reward to score with.
+        weight: Its factor in the sum.
+        normalize: ``"none"``: raw scores; ``"fixed"``: ``(r - offset) / scale``; ``"running"``:
+            ``(r - mean) / std`` with the running statistics of every score seen so far.
+        offset: Subtracted before scaling when ``normalize="fixed"``.
+        scale: Divisor when ``normalize="fixed"``; must not be zero.
+    """
+
+    reward: Reward
+    weight: float = 1.0
+    normalize: Normalize = "none"
+    offset: float = 0.0
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.normalize not in get_args(Normalize):
+            raise RewardConfigError(
+                f"normalize must be one of {', '.join(get_args(Normalize))}, got {self.normalize!r}"
+            )
+        if self.normalize == "fixed" and self.scale == 0:
+            raise RewardConfigError(f"reward {self.reward.name!r}: normalize='fixed' needs a non-zero scale")
+
+
+@dataclass
+class RunningStats:
+    """Count, mean and sum of squared deviations of all scores seen (Chan et al.'s batch update)."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = field(default=0.0)
+
+    def update(self, values: Tensor) -> None:
+        """Add a batch of scores."""
+        values = values.detach().double().flatten()
+        n = values.numel()
+        if n == 0:
+            return
+        batch_mean = values.mean().item()
+        batch_m2 = ((values - batch_mean) ** 2).sum().item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation; 1.0 until two scores are seen or when they are all equal."""
+        if self.count < 2:
+            return 1.0
+        std = math.sqrt(self.m2 / (self.count - 1))
+        return std if std > 1e-8 else 1.0
+
+
+class CombinedReward(Reward):
+    """Weighted sum of rewards with per-term normalisation.
+
+    Running statistics (``normalize="running"``) are updated on every call, before the batch is
+    normalised: a batch is scaled with statistics that include it (so the first batch is
+    centred on its own mean). Rewards are always in eval mode, so there is no training-only
+    update. The statistics live in ``stats`` (plain floats, not in the state dict).
+
+    Args:
+        rewards: The terms; components are named by their reward's ``name`` (``_2``, ``_3``, ...
+            appended to repeats).
+    """
+
+    name = "combined"
+
+    def __init__(self, rewards: Sequence[RewardTerm]) -> None:
+        super().__init__()
+        if not rewards:
+            raise RewardConfigError("CombinedReward needs at least one reward term")
+        self.terms = list(rewards)
+        self.rewards = nn.ModuleList(term.reward for term in self.terms)
+        self.names: list[str] = []
+        for term in self.terms:
+            name, i = term.reward.name, 2
+            while name in self.names:
+                name, i = f"{term.reward.name}_{i}", i + 1
+            self.names.append(name)
+        self.stats = {name: RunningStats() for name in self.names}
+        self.components: dict[str, Tensor] = {}
+
+    def _load(self) -> None:
+        for reward in self.rewards:
+            reward.load()
+
+    def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        total: Tensor | None = None
+        self.components = {}
+        for name, term in zip(self.names, self.terms):
+            raw = term.reward(images, prompts)
+            self.components[name] = raw.detach()
+            total_term = term.weight * self._normalize(name, term, raw)
+            total = total_term if total is None else total + total_term
+        return total
+
+    @torch.no_grad()
+    def _update(self, name: str, raw: Tensor) -> None:
+        self.stats[name].update(raw)
+
+    def _normalize(self, name: str, term: RewardTerm, raw: Tensor) -> Tensor:
+        if term.normalize == "fixed":
+            return (raw - term.offset) / term.scale
+        if term.normalize == "running":
+            self._update(name, raw)
+            stats = self.stats[name]
+            return (raw - stats.mean) / stats.std
+        return raw
