@@ -5,6 +5,7 @@ from ipgo.rewards.base import Reward, differentiable_preprocess
 from ipgo.rewards.clip_score import ClipScore
 from ipgo.rewards.combine import REWARDS, CombinedReward, RewardTerm, UnknownRewardError, reward_class
 from ipgo.rewards.hps import HPSv2
+from ipgo.rewards.image_reward import ImageReward
 from ipgo.rewards.pickscore import PickScore
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "ClipScore",
     "CombinedReward",
     "HPSv2",
+    "ImageReward",
     "PickScore",
     "Reward",
     "RewardTerm",

@@ -19,6 +19,7 @@ from ipgo.rewards.aesthetic import Aesthetic
 from ipgo.rewards.base import Reward
 from ipgo.rewards.clip_score import ClipScore
 from ipgo.rewards.hps import HPSv2
+from ipgo.rewards.image_reward import ImageReward
 from ipgo.rewards.pickscore import PickScore
 
 Normalize = Literal["none", "running", "fixed"]
@@ -28,6 +29,7 @@ REWARDS: dict[str, type[Reward]] = {
     "aesthetic": Aesthetic,
     "hpsv2": HPSv2,
     "pickscore": PickScore,
+    "image_reward": ImageReward,
 }
 """Reward classes by the names configs use."""
 

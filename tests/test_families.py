@@ -1,0 +1,107 @@
+"""Every model family through the same protocol: fit, export, and the family's own diffusers pipeline."""
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+import ipgo
+from ipgo.backbones import StableDiffusion, StableDiffusion3, StableDiffusionXL
+from ipgo.export import TokenFile, TokenFileError, load_tokens, save_tokens
+from ipgo.module import IPGOModule
+from ipgo.rewards import ClipScore
+from ipgo.sampling import SamplerConfig, make_scheduler
+from ipgo.testing import tiny_sd2_path, tiny_sd3_path, tiny_sd_path, tiny_sdxl_path
+from ipgo.tokens import TokenConfig
+
+PROMPTS = ["a red circle on the left", "a blue square"]
+FAMILIES = {  # name: (adapter, tiny builder, pipeline class, scheduler)
+    "sd1": (StableDiffusion, tiny_sd_path, StableDiffusionPipeline, "lms"),
+    "sd2": (StableDiffusion, tiny_sd2_path, StableDiffusionPipeline, "ddim"),
+    "sdxl": (StableDiffusionXL, tiny_sdxl_path, StableDiffusionXLPipeline, "euler"),
+    "sd3": (StableDiffusion3, tiny_sd3_path, StableDiffusion3Pipeline, "flow_euler"),
+}
+
+
+def make_module(family, ipgo_cache, tiny_clip_dir, mode="prompt-wise", prompt_attention=False):
+    adapter, build, _, scheduler = FAMILIES[family]
+    return IPGOModule(
+        adapter(str(build(ipgo_cache))), ClipScore(str(tiny_clip_dir)), mode=mode,
+        tokens=TokenConfig(n_prefix=2, n_suffix=2, rank=4),
+        sampler=SamplerConfig(scheduler=scheduler, num_steps=3, grad_steps=2, guidance_scale=4.0, height=32, width=32),
+        optimizer=lambda params: torch.optim.Adam(params, lr=0.05), prompt_attention=prompt_attention,
+    )
+
+
+def token_file(module):
+    prefix, suffix = module.export_vectors()
+    return TokenFile(prefix, suffix, family=module.backbone.family, base_model=module.backbone.model,
+                     hidden_size=module.backbone.hidden_size, mode=module.mode,
+                     prompts=list(module.prompts) if module.prompt_wise else None,
+                     prompt_attention=module.prompt_attention)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fit_raises_reward_and_export_reproduces_in_the_familys_pipeline(family, ipgo_cache, tiny_clip_dir, tmp_path):
+    module = make_module(family, ipgo_cache, tiny_clip_dir)
+    module.prepare(PROMPTS)
+    module.log = lambda *args, **kwargs: None
+    optimizer = torch.optim.Adam(module.tokens.parameters(), lr=0.05)
+    batch = {"prompt": PROMPTS, "index": torch.arange(2)}
+    for _ in range(4):
+        optimizer.zero_grad()
+        module.training_step(batch, 0).backward()
+        optimizer.step()
+        module.tokens.project_()
+    assert (module.best.last > module.best.first).all(), (module.best.first, module.best.last)
+
+    path = save_tokens(tmp_path / "tokens.safetensors", token_file(module))
+    _, build, pipeline_class, scheduler = FAMILIES[family]
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}  # the tiny SD 3 has no T5
+    pipe = pipeline_class.from_pretrained(str(build(ipgo_cache)), local_files_only=True, **extra)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    ipgo.apply_tokens(pipe, path)
+    config = module.sampler_config
+    theirs = pipe(PROMPTS, generator=[torch.Generator().manual_seed(3) for _ in PROMPTS], height=32, width=32,
+                  num_inference_steps=config.num_steps, guidance_scale=config.guidance_scale, output_type="pt").images
+    p, s = load_tokens(path).tokens_for(PROMPTS)
+    assert torch.allclose(module.render(PROMPTS, [3], p, s), theirs.float(), atol=1e-5)
+
+
+def test_ipgo_plus_tokens_depend_on_the_prompt_without_parameters(ipgo_cache, tiny_clip_dir, tmp_path):
+    plain = make_module("sd1", ipgo_cache, tiny_clip_dir, mode="prompt-batch")
+    plus = make_module("sd1", ipgo_cache, tiny_clip_dir, mode="prompt-batch", prompt_attention=True)
+    for module in (plain, plus):
+        module.prepare(PROMPTS)
+    assert plain.tokens.num_trainable() == plus.tokens.num_trainable() > 0  # IPGO+ adds no parameter
+    from ipgo.inject import conditioning
+
+    prefix, suffix = plus.token_vectors([0, 0])
+    *_, placed_plain, _ = conditioning(plain.backbone, PROMPTS, prefix, suffix)
+    *_, placed_plus, _ = conditioning(plus.backbone, PROMPTS, prefix, suffix, prompt_attention=True)
+    assert torch.equal(placed_plain[0], placed_plain[1])  # shared tokens are the same for every prompt
+    assert not torch.allclose(placed_plus[0], placed_plus[1])  # IPGO+ tokens are prompt-conditioned
+
+    # the token file records IPGO+, and applying it reproduces the module's render
+    path = save_tokens(tmp_path / "plus.safetensors", token_file(plus))
+    assert load_tokens(path).prompt_attention
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_path(ipgo_cache)), local_files_only=True)
+    pipe.scheduler = make_scheduler("lms", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    embeds = ipgo.token_embeds(pipe, path, PROMPTS)
+    expected, _, *_ = conditioning(plus.backbone, PROMPTS, prefix, suffix, prompt_attention=True)
+    assert torch.allclose(embeds["prompt_embeds"], expected.hidden, atol=1e-6)
+    with pytest.raises(ValueError, match="prompt-batch variant"):
+        make_module("sd1", ipgo_cache, tiny_clip_dir, mode="prompt-wise", prompt_attention=True)
+
+
+def test_a_token_file_for_another_family_is_refused(ipgo_cache, tmp_path):
+    sd1 = TokenFile(torch.zeros(2, 64), torch.zeros(2, 64), family="sd", base_model="tiny:sd2", hidden_size=64)
+    path = save_tokens(tmp_path / "sd2.safetensors", sd1)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_path(ipgo_cache)), local_files_only=True)
+    with pytest.raises(TokenFileError, match="made for a 'sd' model .* but the pipeline is a 'sdxl' model"):
+        ipgo.apply_tokens(pipe, path)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_path(ipgo_cache)), local_files_only=True)
+    with pytest.raises(TokenFileError, match="hidden size 64 .* hidden size 32"):
+        ipgo.token_embeds(pipe, path, "a cat")
