@@ -30,6 +30,7 @@ from ipgo.backbones.base import Backbone, TooLong, check_prompt_lengths
 from ipgo.errors import UserError
 from ipgo.inject import Layout, conditioning, conformity
 from ipgo.rewards.base import Reward
+from ipgo.rewards.combine import CombinedReward, RewardConfigError, RewardSpec, build_reward
 from ipgo.sampling import SamplerConfig, TruncatedSampler, initial_noise
 from ipgo.tokens import TokenConfig, TokenSets
 
@@ -98,7 +99,7 @@ class IPGOModule(L.LightningModule):
 
     Args:
         backbone: the frozen model family adapter (e.g. `ipgo.backbones.StableDiffusion`).
-        reward: the reward to maximise (e.g. `ipgo.rewards.ClipScore`).
+        reward: the reward to maximise, e.g. `ipgo.rewards.ClipScore` (or give `rewards`).
         mode: "prompt-wise" (a token set per prompt) or "prompt-batch" (one shared set).
         tokens: shape, constraints and init of the token sets.
         layout: "padded" (sequence of the model's length) or "unpadded" (the notebook's).
@@ -114,12 +115,14 @@ class IPGOModule(L.LightningModule):
         report_prompts: prompts rendered before/after on the held-out seeds at the end of fit.
         prompt_attention: IPGO+ (prompt-batch): make the shared tokens prompt-dependent with a
             parameter-free cross-attention over the prompt's states (formula in `inject.py`).
+        rewards: instead of `reward`, named rewards summed with weights, each logged on its own:
+            `[{name: aesthetic, weight: 1.0, args: {head: ...}}, {name: hpsv2, weight: 0.5, ...}]`.
     """
 
     def __init__(
         self,
         backbone: Backbone,
-        reward: Reward,
+        reward: Reward | None = None,
         mode: Mode = "prompt-wise",
         tokens: TokenConfig = TokenConfig(),
         layout: Layout = "padded",
@@ -134,13 +137,19 @@ class IPGOModule(L.LightningModule):
         select: Literal["best", "last"] = "best",
         report_prompts: int = 8,
         prompt_attention: bool = False,
+        rewards: list[RewardSpec] | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("prompt-wise", "prompt-batch"):
             raise ValueError(f"unknown mode {mode!r}; choose 'prompt-wise' or 'prompt-batch'")
-        self.save_hyperparameters(ignore=["backbone", "reward", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["backbone", "reward", "rewards", "optimizer", "lr_scheduler"])
         self.backbone = backbone
-        self.reward = reward
+        if (reward is None) == (rewards is None):
+            raise RewardConfigError(
+                "give exactly one of model.reward (a reward class) and model.rewards (a list of named rewards); "
+                "to replace a config's reward on the command line, add --model.reward null"
+            )
+        self.reward = reward if rewards is None else build_reward(rewards)
         self.mode = mode
         self.token_config = tokens
         self.layout = layout
@@ -184,6 +193,7 @@ class IPGOModule(L.LightningModule):
         budget = self.backbone.max_length - reserved
         check_prompt_lengths(all_prompts, self.backbone.token_lengths(all_prompts), budget, reserved, self.too_long)
         self.backbone.load()
+        self.reward.to(dtype=self.backbone.dtype)  # frozen weights follow the run's dtype
         self.reward.load()
         self.prompts = list(train_prompts)
         self.val_prompts = list(val_prompts)
@@ -247,6 +257,9 @@ class IPGOModule(L.LightningModule):
         size = len(prompts)
         self.log("train/reward", reward.mean(), prog_bar=True, batch_size=size, on_step=True, on_epoch=True)
         self.log("train/conformity", penalty.mean(), batch_size=size, on_epoch=True)
+        if isinstance(self.reward, CombinedReward):
+            for name, scores in self.reward.components.items():
+                self.log(f"train/{name}", scores.mean(), batch_size=size, on_epoch=True)
         self.log("train/loss", losses.mean(), batch_size=size, on_epoch=True)
         return loss
 

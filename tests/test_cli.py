@@ -90,3 +90,38 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
         err = bad_input([*args, "--trainer.default_root_dir", out], capsys)
         assert message in err, (args, err[-2000:])
         assert "Traceback" not in err
+
+
+REWARD_CHOICES = {
+    "clip_score": ["--model.reward", "ipgo.rewards.ClipScore", "--model.reward.model", "tiny:clip"],
+    "aesthetic": ["--model.reward", "ipgo.rewards.Aesthetic", "--model.reward.head", "tiny:aesthetic-head",
+                  "--model.reward.clip_model", "tiny:clip"],
+    "combined": ["--model.reward", "null", "--model.rewards",
+                 "[{name: hpsv2, weight: 1.0, args: {checkpoint: 'tiny:hps', model_name: ipgo-tiny-ViT}}, "
+                 "{name: pickscore, weight: 0.5, normalize: running, args: {model: 'tiny:clip', "
+                 "processor: 'tiny:clip'}}, {name: image_reward, weight: 0.2, args: {checkpoint: "
+                 "'tiny:image-reward'}}]"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("choice", sorted(REWARD_CHOICES))
+def test_demo_runs_with_each_reward(choice, tmp_path):
+    run_dir = tmp_path / choice
+    cli = main([*QUICK, *REWARD_CHOICES[choice], "--trainer.max_epochs", "2", "--trainer.default_root_dir",
+                str(run_dir)])
+    assert (run_dir / "tokens.safetensors").is_file()
+    metrics = (run_dir / "csv/version_0/metrics.csv").read_text().splitlines()[0]
+    if choice == "combined":
+        assert {"train/hpsv2_epoch", "train/pickscore_epoch", "train/image_reward_epoch"} <= set(metrics.split(","))
+        assert [name for name in cli.model.reward.components] == ["hpsv2", "pickscore", "image_reward"]
+
+
+def test_unknown_reward_name_lists_the_known_ones(capsys):
+    err = bad_input(["--model.reward", "null", "--model.rewards", "[{name: asthetic}]"], capsys)
+    assert "unknown reward 'asthetic'" in err and "aesthetic" in err and "image_reward" in err
+    hps_with_typo = "[{name: hpsv2, args: {checkpoint: 'tiny:hps', size: 3}}]"
+    err = bad_input(["--model.reward", "null", "--model.rewards", hps_with_typo], capsys)
+    assert "reward 'hpsv2'" in err and "its arguments are checkpoint, model_name" in err
+    err = bad_input(["--model.rewards", "[{name: aesthetic}]"], capsys)  # the demo config already has a reward
+    assert "give exactly one of model.reward" in err

@@ -3,7 +3,15 @@
 from ipgo.rewards.aesthetic import Aesthetic
 from ipgo.rewards.base import Reward, differentiable_preprocess
 from ipgo.rewards.clip_score import ClipScore
-from ipgo.rewards.combine import REWARDS, CombinedReward, RewardTerm, UnknownRewardError, reward_class
+from ipgo.rewards.combine import (
+    REWARDS,
+    CombinedReward,
+    RewardSpec,
+    RewardTerm,
+    UnknownRewardError,
+    build_reward,
+    reward_class,
+)
 from ipgo.rewards.hps import HPSv2
 from ipgo.rewards.image_reward import ImageReward
 from ipgo.rewards.pickscore import PickScore
@@ -17,8 +25,10 @@ __all__ = [
     "ImageReward",
     "PickScore",
     "Reward",
+    "RewardSpec",
     "RewardTerm",
     "UnknownRewardError",
+    "build_reward",
     "differentiable_preprocess",
     "reward_class",
 ]

@@ -6,10 +6,11 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,40 @@ class UnknownRewardError(UserError, ValueError):
 
 class RewardConfigError(UserError, ValueError):
     """A reward term with an invalid setting."""
+
+
+@dataclass
+class RewardSpec:
+    """A reward chosen by name in a config, e.g. `{name: hpsv2, weight: 0.5, args: {checkpoint: HPS_v2.1.pt}}`."""
+
+    name: str
+    """Registry name: clip_score, aesthetic, hpsv2, pickscore or image_reward."""
+    weight: float = 1.0
+    """Factor of this reward in the sum."""
+    normalize: Normalize = "none"
+    """none, fixed ((r - offset) / scale) or running ((r - mean) / std of the scores seen)."""
+    offset: float = 0.0
+    """Subtracted before scaling with normalize=fixed."""
+    scale: float = 1.0
+    """Divisor with normalize=fixed."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Arguments of the reward class (model ids, checkpoint paths)."""
+
+
+def build_reward(specs: Sequence[RewardSpec]) -> CombinedReward:
+    """A `CombinedReward` from named specs; clear errors for unknown names and wrong arguments."""
+    if not specs:
+        raise RewardConfigError("the reward list is empty: name at least one reward")
+    terms = []
+    for spec in specs:
+        cls = reward_class(spec.name)
+        try:
+            inspect.signature(cls).bind(**spec.args)
+        except TypeError as error:
+            accepted = ", ".join(inspect.signature(cls).parameters)
+            raise RewardConfigError(f"reward {spec.name!r}: {error}; its arguments are {accepted}") from None
+        terms.append(RewardTerm(cls(**spec.args), spec.weight, spec.normalize, spec.offset, spec.scale))
+    return CombinedReward(terms)
 
 
 def reward_class(name: str) -> type[Reward]:
