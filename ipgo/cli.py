@@ -9,7 +9,6 @@ the resolved config to `<run>/config.yaml`; checkpoints to `<run>/checkpoints/`
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from ipgo.data import PromptDataModule
-from ipgo.errors import UserError
+from ipgo.errors import UserError, reported
 from ipgo.module import IPGOModule
 
 
@@ -95,8 +94,5 @@ def main(args: list[str] | None = None) -> IPGOCLI:
 
 def run(args: list[str] | None = None) -> None:
     """Entry point of `python -m ipgo.fit`: bad input ends with its message and exit code 2, not a traceback."""
-    try:
+    with reported("ipgo.fit"):
         main(args)
-    except UserError as error:
-        print(f"ipgo.fit: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None

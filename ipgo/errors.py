@@ -1,5 +1,21 @@
-"""The base of errors caused by user input: the command line prints their message, not a traceback."""
+"""The base of errors caused by user input: the command lines print their message, not a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class UserError(Exception):
     """Bad input with a message that names the problem and the fix."""
+
+
+@contextmanager
+def reported(program: str) -> Iterator[None]:
+    """Turn a `UserError` into `program: error: message` on stderr and exit code 2."""
+    try:
+        yield
+    except UserError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -58,6 +58,8 @@ class TokenFile:
     too_long: str = "error"
     mode: str = "prompt-batch"
     prompts: list[str] | None = None
+    train_prompts: list[str] | None = None
+    """Prompt-batch: the prompts the shared tokens were trained on (evaluation keeps them apart)."""
     prompt_attention: bool = False
     """IPGO+: the shared tokens attend to each prompt's states before they are placed."""
     extra: dict[str, str] = field(default_factory=dict)
@@ -114,6 +116,8 @@ def save_tokens(path: str | os.PathLike, tokens: TokenFile) -> Path:
     }
     if tokens.prompts is not None:
         metadata["prompts"] = json.dumps(tokens.prompts)
+    if tokens.train_prompts is not None:
+        metadata["train_prompts"] = json.dumps(tokens.train_prompts)
     tensors = {
         "prefix": tokens.prefix.detach().float().cpu().contiguous(),
         "suffix": tokens.suffix.detach().float().cpu().contiguous(),
@@ -144,7 +148,8 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
             f"{FORMAT_VERSION}. Upgrade ipgo."
         )
     known = {"format", "format_version", "family", "base_model", "hidden_size", "layout", "too_long", "mode",
-             "prompts", "n_prefix", "n_suffix", "prompt_attention"}
+             "prompts", "n_prefix", "n_suffix", "prompt_attention",
+             "train_prompts"}
     return TokenFile(
         prefix=tensors["prefix"],
         suffix=tensors["suffix"],
@@ -156,6 +161,7 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
         mode=metadata["mode"],
         prompts=json.loads(metadata["prompts"]) if "prompts" in metadata else None,
         prompt_attention=json.loads(metadata.get("prompt_attention", "false")),
+        train_prompts=json.loads(metadata["train_prompts"]) if "train_prompts" in metadata else None,
         extra={k: v for k, v in metadata.items() if k not in known},
     )
 

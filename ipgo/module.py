@@ -16,6 +16,8 @@ Only token parameters are trained and checkpointed; frozen parts load in `config
 
 from __future__ import annotations
 
+import resource
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,6 +115,8 @@ class IPGOModule(L.LightningModule):
         lr_interval: step the schedule every "epoch" (prompt-wise: every step of each prompt) or "step".
         select: prompt-wise export of the "best" tokens seen (on the training seeds) or the "last".
         report_prompts: prompts rendered before/after on the held-out seeds at the end of fit.
+        image_every_n_epochs: log renders of up to 4 prompts on the held-out seeds to TensorBoard every
+            this many epochs (0: never).
         prompt_attention: IPGO+ (prompt-batch): make the shared tokens prompt-dependent with a
             parameter-free cross-attention over the prompt's states (formula in `inject.py`).
         rewards: instead of `reward`, named rewards summed with weights, each logged on its own:
@@ -136,6 +140,7 @@ class IPGOModule(L.LightningModule):
         lr_interval: Literal["epoch", "step"] = "epoch",
         select: Literal["best", "last"] = "best",
         report_prompts: int = 8,
+        image_every_n_epochs: int = 5,
         prompt_attention: bool = False,
         rewards: list[RewardSpec] | None = None,
     ) -> None:
@@ -164,10 +169,13 @@ class IPGOModule(L.LightningModule):
         self.lr_interval = lr_interval
         self.select = select
         self.report_prompts = report_prompts
+        self.image_every_n_epochs = image_every_n_epochs
         if prompt_attention and mode != "prompt-batch":
             raise ValueError("prompt_attention (IPGO+) is a prompt-batch variant: set mode=prompt-batch")
         self.prompt_attention = prompt_attention
         self.strict_loading = False  # checkpoints hold only the tokens
+        self.compute = {"fit_seconds": 0.0, "images_rendered": 0}  # the optimisation's cost, kept across resumes
+        self._fit_started = time.perf_counter()
         self.tokens: TokenSets | None = None
         self.best: BestTokens | None = None
         self.prompts: list[str] = []
@@ -216,6 +224,9 @@ class IPGOModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_interval}}
 
     def on_fit_start(self) -> None:
+        self._fit_started = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         if self.prompt_wise and self.trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 "prompt-wise optimisation steps each prompt's own tokens every epoch; gradient accumulation "
@@ -254,6 +265,7 @@ class IPGOModule(L.LightningModule):
         loss = losses.sum() if self.prompt_wise else losses.mean()
         if self.best is not None:
             self.best.update(index, reward, prefix, suffix)
+        self.compute["images_rendered"] += len(prompts) * n_seeds
         size = len(prompts)
         self.log("train/reward", reward.mean(), prog_bar=True, batch_size=size, on_step=True, on_epoch=True)
         self.log("train/conformity", penalty.mean(), batch_size=size, on_epoch=True)
@@ -329,6 +341,49 @@ class IPGOModule(L.LightningModule):
                 suffix = torch.where(seen[:, None, None], self.best.suffix.to(suffix.device), suffix)
             return prefix, suffix
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ipgo_compute"] = self._compute_so_far()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.compute = dict(checkpoint.get("ipgo_compute", self.compute))
+
+    def _compute_so_far(self) -> dict[str, Any]:
+        return {**self.compute, "fit_seconds": self.compute["fit_seconds"] + time.perf_counter() - self._fit_started}
+
+    def compute_record(self) -> dict[str, Any]:
+        """Wall-clock time, peak memory and sampler calls of the optimisation (recorded in token files)."""
+        record = self._compute_so_far()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            record["peak_memory_bytes"], record["memory_kind"] = torch.cuda.max_memory_allocated(), "cuda max allocated"
+        else:
+            record["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            record["memory_kind"] = "process peak RSS"
+        record["device"] = str(self.device)
+        record["sampler_calls_per_prompt"] = record["images_rendered"] / max(1, len(self.prompts))
+        return record
+
+    def on_train_epoch_end(self) -> None:
+        every = self.image_every_n_epochs
+        if every and (self.current_epoch + 1) % every == 0 and self.trainer.is_global_zero:
+            self._log_image_grid()
+
+    @torch.no_grad()
+    def _log_image_grid(self) -> None:
+        """Renders of a few prompts (validation ones for prompt-batch) on the held-out seeds, to TensorBoard."""
+        from torchvision.utils import make_grid
+
+        prompts = (self.val_prompts or self.prompts)[:4]
+        if self.prompt_wise:
+            index = [self.prompts.index(p) for p in prompts]
+            prefix, suffix = self.token_vectors(index)
+        else:
+            prefix, suffix = self.token_vectors([0] * len(prompts))
+        images = self.render(prompts, self.seeds.eval, prefix, suffix)
+        grid = make_grid(images.float().cpu(), nrow=len(self.seeds.eval))
+        for logger in self.loggers:
+            if hasattr(logger.experiment, "add_image"):
+                logger.experiment.add_image("val/images", grid, self.global_step)
+
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
             from ipgo.report import write_run_outputs
@@ -342,7 +397,8 @@ class IPGOModule(L.LightningModule):
         from ipgo import __version__
 
         return {
-            "rewards": json.dumps([self.reward.name]),
+            "rewards": json.dumps(getattr(self.reward, "names", [self.reward.name])),
+            "compute": json.dumps(self.compute_record()),
             "sampler": json.dumps(asdict(self.sampler_config)),
             "seeds": json.dumps(asdict(self.seeds)),
             "tokens": json.dumps(asdict(self.token_config)),

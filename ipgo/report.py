@@ -40,6 +40,7 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
         too_long=module.too_long,
         mode=module.mode,
         prompts=list(module.prompts) if module.prompt_wise else None,
+        train_prompts=None if module.prompt_wise else list(module.prompts),
         prompt_attention=module.prompt_attention,
         extra=module.metadata(),
     )

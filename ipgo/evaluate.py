@@ -1,0 +1,313 @@
+"""`python -m ipgo.evaluate`: score methods against the raw prompt on held-out seeds, with any rewards.
+
+    python -m ipgo.evaluate --methods '[ipgo=runs/demo]' --seeds 1000-1003 \\
+        --rewards '[{name: clip_score, args: {model: tiny:clip}}]' --out eval/
+
+Every method renders the same prompts on the same seeds through the family's diffusers
+pipeline (`ipgo.generate`). Seeds a method was optimised on are refused (or, when allowed,
+flagged), and so are prompts a prompt-batch method was trained on. Beside the raw prompt and
+each method, a **best-of-N** baseline samples N candidates per (prompt, seed) with the raw
+prompt and keeps the one the *selection reward* (the one optimised) likes best; with
+`best_of_n: auto`, N is the number of sampler calls the first method's optimisation spent per
+prompt, so both spend the same sampling compute (IPGO's extra backward through K steps is
+not counted, which favours best-of-N).
+
+`metrics.json` (schema_version 1):
+    settings: prompts, seeds, rewards, selection_reward, best_of_n, bootstrap, tie_tolerance
+    methods: {name: {kind: raw|ipgo|best_of_n, tokens, compute (fit_seconds, peak_memory_bytes,
+              memory_kind, device, sampler_calls_per_prompt), flags,
+              rewards: {reward: {n, mean, stderr, wins, ties, losses, win_rate, win_rate_ci}}}}
+              (win counts compare with the raw prompt on the same prompt and seed; a tie is a
+              difference within tie_tolerance; win_rate = wins / n; win_rate_ci: 95% bootstrap
+              interval over (prompt, seed) pairs; raw has no win fields)
+    images: [{method, prompt, seed, scores: {reward: value}, candidate_seed (best-of-N only)}]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ipgo.data import read_prompts
+from ipgo.errors import UserError, reported
+from ipgo.export import TokenFile, load_tokens
+from ipgo.files import write_text
+from ipgo.generate import check_held_out, load_pipeline, parse_seeds, render
+from ipgo.report import save_image_grid
+from ipgo.rewards.combine import CombinedReward, RewardSpec, build_reward
+
+BEST_OF_N_SEEDS = 2**30
+"""Candidate seeds of best-of-N start here, far from training and evaluation seeds."""
+
+
+def candidate_seeds(seed: int, n: int) -> list[int]:
+    """The N candidate seeds best-of-N draws for one evaluation seed."""
+    return [BEST_OF_N_SEEDS + seed * n + j for j in range(n)]
+
+
+def matched_n(tokens: TokenFile) -> int:
+    """N of best-of-N matching the sampler calls per prompt of the run that made `tokens`."""
+    compute = json.loads(tokens.extra.get("compute", "{}"))
+    if "sampler_calls_per_prompt" not in compute:
+        raise UserError("the token file records no compute; give best_of_n as a number")
+    return max(1, round(compute["sampler_calls_per_prompt"]))
+
+
+def win_statistics(method: Tensor, raw: Tensor, tie_tolerance: float, bootstrap: int, seed: int = 0) -> dict:
+    """Wins, ties, losses against raw on paired scores, and a bootstrap CI of the win rate."""
+    diff = method - raw
+    wins, ties = diff > tie_tolerance, diff.abs() <= tie_tolerance
+    n = diff.numel()
+    generator = torch.Generator().manual_seed(seed)
+    resampled = wins.float()[torch.randint(n, (bootstrap, n), generator=generator)].mean(dim=1)
+    low, high = torch.quantile(resampled, torch.tensor([0.025, 0.975])).tolist()
+    return {"wins": int(wins.sum()), "ties": int(ties.sum()), "losses": int(n - wins.sum() - ties.sum()),
+            "win_rate": float(wins.float().mean()), "win_rate_ci": [low, high]}
+
+
+def summary_statistics(scores: Tensor) -> dict:
+    """n, mean and standard error of the mean."""
+    n = scores.numel()
+    stderr = float(scores.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    return {"n": n, "mean": float(scores.mean()), "stderr": stderr}
+
+
+@torch.no_grad()
+def score(reward: CombinedReward, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
+    """Every component's scores (prompts, seeds) of images (prompts, seeds, 3, H, W)."""
+    flat = images.flatten(0, 1).to(reward._where.device)
+    reward(flat, [p for p in prompts for _ in range(images.shape[1])])
+    return {name: values.float().cpu().view(images.shape[:2]) for name, values in reward.components.items()}
+
+
+def evaluate(
+    methods: list[str],
+    rewards: list[RewardSpec],
+    seeds: str = "1000-1003",
+    prompts: str | None = None,
+    out: str = "evaluation",
+    best_of_n: int | Literal["auto", "off"] = "auto",
+    selection_reward: str | None = None,
+    bootstrap: int = 1000,
+    tie_tolerance: float = 1e-6,
+    model: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    allow_training_seeds: bool = False,
+    allow_training_prompts: bool = False,
+) -> dict[str, Any]:
+    """Score methods and the raw prompt (and best-of-N) with several rewards; write report.md and metrics.json.
+
+    Args:
+        methods: NAME=PATH pairs: token files or run folders, e.g. ipgo=runs/demo.
+        rewards: rewards to score with, e.g. [{name: clip_score}, {name: aesthetic, args: {head: ...}}];
+            include the optimised one and held-out ones.
+        seeds: evaluation seeds, e.g. "1000-1003"; seeds used in optimisation are refused.
+        prompts: prompt file; default: the prompts of the first prompt-wise method.
+        out: output folder (report.md, metrics.json, grid_*.png).
+        best_of_n: candidates per (prompt, seed) of the best-of-N baseline; "auto" matches the first
+            method's sampler calls per prompt; "off" leaves it out.
+        selection_reward: reward best-of-N selects with; default: the first method's optimised reward.
+        bootstrap: resamples for the win-rate confidence intervals.
+        tie_tolerance: score differences up to this count as ties.
+        model: base model id or folder; default: the one in the token files.
+        device: torch device.
+        dtype: float32, float16 or bfloat16.
+        allow_training_seeds: evaluate on seeds used in optimisation too (flagged in the outputs).
+        allow_training_prompts: evaluate prompt-batch tokens on their training prompts (flagged).
+    """
+    named = _parse_methods(methods)
+    token_files = {name: load_tokens(path) for name, path in named.items()}
+    first = next(iter(token_files.values()))
+    _check_same_model(token_files)
+    seed_list = parse_seeds(seeds)
+    prompt_list = _prompts(prompts, token_files)
+    flags: dict[str, list[str]] = {}
+    for name, tokens in token_files.items():
+        used = check_held_out(tokens, seed_list, allow_training_seeds)
+        flags[name] = [f"seeds {used} were used in optimisation"] if used else []
+        if tokens.train_prompts is not None:
+            seen = sorted(set(tokens.train_prompts) & set(prompt_list))
+            if seen and not allow_training_prompts:
+                raise UserError(
+                    f"{len(seen)} evaluation prompts (e.g. {seen[0]!r}) were in the training split of {name!r}; "
+                    "prompt-batch tokens must be judged on new prompts. Use other prompts, or pass "
+                    "--allow_training_prompts true (flagged)."
+                )
+            if seen:
+                flags[name].append(f"{len(seen)} prompts were in its training split")
+
+    reward = build_reward(rewards).to(device)
+    reward.load()
+    optimised = json.loads(first.extra.get("rewards", "[]"))
+    selector = selection_reward or (optimised[0] if optimised else None)
+    pipe = load_pipeline(first, model, device, dtype)
+    out_dir = Path(out)
+
+    raw = render(pipe, first, prompt_list, seed_list, tuned=False)
+    images = {"raw": raw}
+    scores = {"raw": score(reward, raw, prompt_list)}
+    for name, tokens in token_files.items():
+        images[name] = render(pipe, tokens, prompt_list, seed_list, tuned=True)
+        scores[name] = score(reward, images[name], prompt_list)
+
+    n = 0 if best_of_n == "off" else (matched_n(first) if best_of_n == "auto" else int(best_of_n))
+    chosen: dict[tuple[int, int], int] = {}
+    if n:
+        if selector not in reward.names:
+            raise UserError(
+                f"best-of-N selects with the optimised reward {selector!r}, which is not among the rewards "
+                f"scored ({', '.join(reward.names)}): add it to --rewards or set --selection_reward"
+            )
+        images[f"best_of_{n}"], scores[f"best_of_{n}"], chosen = _best_of_n(
+            pipe, first, reward, prompt_list, seed_list, n, selector
+        )
+
+    metrics = _metrics(named, token_files, scores, flags, prompt_list, seed_list, chosen, tie_tolerance, bootstrap)
+    metrics["settings"] = {"prompts": prompt_list, "seeds": seed_list, "rewards": list(reward.names),
+                           "selection_reward": selector if n else None, "best_of_n": n, "bootstrap": bootstrap,
+                           "tie_tolerance": tie_tolerance}
+    for name, method_images in images.items():
+        if name != "raw":
+            grid = torch.cat([torch.cat([r, m]) for r, m in zip(images["raw"], method_images)])
+            save_image_grid(grid, 2 * len(seed_list), out_dir / f"grid_{name}.png")
+    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    report = report_markdown(metrics)
+    write_text(out_dir / "report.md", report)
+    print(report)
+    return metrics
+
+
+def _parse_methods(methods: list[str]) -> dict[str, str]:
+    named = {}
+    for item in methods:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or name == "raw" or name.startswith("best_of_"):
+            raise UserError(f"cannot read the method {item!r}: write NAME=PATH (NAME not 'raw' or 'best_of_*')")
+        if name in named:
+            raise UserError(f"the method name {name!r} is given twice")
+        named[name] = path
+    if not named:
+        raise UserError("no methods to evaluate: give --methods '[NAME=PATH, ...]'")
+    return named
+
+
+def _check_same_model(token_files: dict[str, TokenFile]) -> None:
+    models = {(t.family, t.base_model) for t in token_files.values()}
+    if len(models) > 1:
+        raise UserError(f"the methods were made for different models {sorted(models)}; evaluate them separately")
+
+
+def _prompts(path: str | None, token_files: dict[str, TokenFile]) -> list[str]:
+    if path is not None:
+        return read_prompts(path)
+    for tokens in token_files.values():
+        if tokens.prompts is not None:
+            return list(tokens.prompts)
+    raise UserError("give the prompts to evaluate on with --prompts FILE (the methods hold shared tokens)")
+
+
+def _best_of_n(pipe: Any, tokens: TokenFile, reward: CombinedReward, prompts: list[str], seeds: list[int], n: int,
+               selector: str) -> tuple[Tensor, dict[str, Tensor], dict[tuple[int, int], int]]:
+    rows, row_scores, chosen = [], {name: torch.zeros(len(prompts), len(seeds)) for name in reward.names}, {}
+    for i, prompt in enumerate(prompts):
+        picked = []
+        for j, seed in enumerate(seeds):
+            candidates = candidate_seeds(seed, n)
+            images = render(pipe, tokens, [prompt], candidates, tuned=False)  # (1, n, 3, H, W)
+            candidate_scores = score(reward, images, [prompt])
+            best = int(candidate_scores[selector][0].argmax())
+            chosen[(i, j)] = candidates[best]
+            picked.append(images[0, best])
+            for name in reward.names:
+                row_scores[name][i, j] = candidate_scores[name][0, best]
+        rows.append(torch.stack(picked))
+    return torch.stack(rows), row_scores, chosen
+
+
+def _metrics(named: dict[str, str], token_files: dict[str, TokenFile], scores: dict[str, dict[str, Tensor]],
+             flags: dict[str, list[str]], prompts: list[str], seeds: list[int], chosen: dict[tuple[int, int], int],
+             tie_tolerance: float, bootstrap: int) -> dict[str, Any]:
+    methods: dict[str, Any] = {}
+    images = []
+    for method, by_reward in scores.items():
+        kind = "raw" if method == "raw" else "best_of_n" if method.startswith("best_of_") else "ipgo"
+        entry: dict[str, Any] = {"kind": kind, "rewards": {}, "flags": flags.get(method, [])}
+        if kind == "ipgo":
+            entry["tokens"] = named[method]
+            entry["compute"] = json.loads(token_files[method].extra.get("compute", "{}"))
+        for reward_name, values in by_reward.items():
+            stats = summary_statistics(values.flatten())
+            if kind != "raw":
+                stats.update(win_statistics(values.flatten(), scores["raw"][reward_name].flatten(), tie_tolerance,
+                                            bootstrap))
+            entry["rewards"][reward_name] = stats
+        methods[method] = entry
+        for i, prompt in enumerate(prompts):
+            for j, seed in enumerate(seeds):
+                record = {"method": method, "prompt": prompt, "seed": seed,
+                          "scores": {r: float(v[i, j]) for r, v in by_reward.items()}}
+                if kind == "best_of_n":
+                    record["candidate_seed"] = chosen[(i, j)]
+                images.append(record)
+    return {"schema_version": 1, "methods": methods, "images": images}
+
+
+def report_markdown(metrics: dict[str, Any]) -> str:
+    """The evaluation as a Markdown report (also printed)."""
+    settings = metrics["settings"]
+    lines = [
+        "# ipgo evaluation", "",
+        f"{len(settings['prompts'])} prompts x {len(settings['seeds'])} seeds {settings['seeds']}; every method "
+        "renders the same prompts and seeds. Win rates compare with the raw prompt on the same prompt and seed "
+        f"(ties: |difference| <= {settings['tie_tolerance']}), with 95% bootstrap intervals "
+        f"({settings['bootstrap']} resamples).",
+    ]
+    if settings["best_of_n"]:
+        lines.append(f"best_of_{settings['best_of_n']}: the raw prompt's best of {settings['best_of_n']} samples "
+                     f"by `{settings['selection_reward']}` (matched sampling compute).")
+    for reward in settings["rewards"]:
+        lines += ["", f"## {reward}", "", "| method | mean ± s.e. | wins / ties / losses | win rate [95% CI] |",
+                  "|---|---:|---:|---:|"]
+        for method, entry in metrics["methods"].items():
+            stats = entry["rewards"][reward]
+            row = f"| {method} | {stats['mean']:.4f} ± {stats['stderr']:.4f} | "
+            if "wins" in stats:
+                low, high = stats["win_rate_ci"]
+                row += (f"{stats['wins']} / {stats['ties']} / {stats['losses']} | "
+                        f"{stats['win_rate']:.2f} [{low:.2f}, {high:.2f}] |")
+            else:
+                row += "— | — |"
+            lines.append(row)
+    lines += ["", "## Methods", ""]
+    for method, entry in metrics["methods"].items():
+        if entry["kind"] == "raw":
+            continue
+        detail = f"- **{method}** ({entry['kind']}): grid `grid_{method}.png`"
+        compute = entry.get("compute") or {}
+        if "fit_seconds" in compute:
+            detail += (f"; optimisation {compute['fit_seconds']:.1f} s on {compute.get('device')}, peak memory "
+                       f"{compute.get('peak_memory_bytes', 0) / 2**20:.0f} MiB ({compute.get('memory_kind')}), "
+                       f"{compute.get('sampler_calls_per_prompt', 0):.0f} sampler calls per prompt")
+        if entry["flags"]:
+            detail += "; **flagged: " + "; ".join(entry["flags"]) + "**"
+        lines.append(detail)
+    return "\n".join(lines) + "\n"
+
+
+def main(args: list[str] | None = None) -> None:
+    """Command line of `python -m ipgo.evaluate`; bad input ends with its message and exit code 2."""
+    from jsonargparse import auto_cli
+
+    with reported("ipgo.evaluate"):
+        auto_cli(evaluate, args=args, as_positional=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""`python -m ipgo.generate`: render raw and tuned prompts on the same seeds through a diffusers pipeline.
+
+    python -m ipgo.generate --tokens runs/demo --seeds 0-7 --out generated/
+
+The pipeline is the family's ordinary diffusers pipeline with the token file applied
+(`ipgo.apply_tokens`): the path a user takes, and the single source of truth for evaluation.
+Scheduler, steps, guidance and size are the ones the tokens were trained with (from the
+file's metadata). Writes `raw/` and `tuned/` PNGs, `grid.png` (a row per prompt: raw seeds,
+then tuned seeds) and `images.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ipgo.data import read_prompts
+from ipgo.errors import UserError, reported
+from ipgo.export import TokenFile, TokenFileError, apply_tokens, load_tokens, remove_tokens
+from ipgo.files import atomic_path, write_text
+from ipgo.report import save_image_grid
+from ipgo.sampling import make_scheduler
+
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+
+
+class SeedError(UserError, ValueError):
+    """Seeds that cannot be read, or that were used in training."""
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Seeds from "0-7", "3,5,9" or a mix like "0-3,10"."""
+    seeds: list[int] = []
+    for part in str(text).replace(" ", "").split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
+            raise SeedError(f"cannot read the seeds {text!r}: use a range like 0-7, a list like 1,4,9, or both")
+        low, high = int(match.group(1)), int(match.group(2) or match.group(1))
+        seeds += range(low, high + 1)
+    if len(set(seeds)) != len(seeds):
+        raise SeedError(f"the seeds {text!r} repeat a seed")
+    return seeds
+
+
+def training_seeds(tokens: TokenFile) -> set[int]:
+    """The fixed seeds the tokens were optimised on (from the file's metadata)."""
+    return set(json.loads(tokens.extra.get("seeds", "{}")).get("train", []))
+
+
+def check_held_out(tokens: TokenFile, seeds: Sequence[int], allow_training_seeds: bool) -> list[int]:
+    """Refuse seeds the tokens were trained on, unless allowed; returns the ones that were."""
+    used = sorted(training_seeds(tokens) & set(seeds))
+    if used and not allow_training_seeds:
+        raise SeedError(
+            f"seeds {used} were used to optimise these tokens, so images on them say nothing about new noise. "
+            "Use other seeds, or pass --allow_training_seeds true to include them (they are flagged)."
+        )
+    return used
+
+
+def sampler_settings(tokens: TokenFile) -> dict[str, Any]:
+    """The sampler settings the tokens were trained with."""
+    if "sampler" not in tokens.extra:
+        raise UserError("this token file records no sampler settings; it was not written by ipgo.fit")
+    return json.loads(tokens.extra["sampler"])
+
+
+def load_pipeline(tokens: TokenFile, model: str | None = None, device: str = "cpu", dtype: str = "float32") -> Any:
+    """The family's diffusers pipeline for the tokens' base model (or `model`), scheduler as in training."""
+    import diffusers
+
+    from ipgo.backbones.base import check_model_source, load_error, torch_dtype
+    from ipgo.testing import is_tiny, resolve_source
+
+    name = model or tokens.base_model
+    if not is_tiny(name):
+        check_model_source(name)
+    source = resolve_source(name)
+    cls = getattr(diffusers, PIPELINES[tokens.family])
+    extra: dict[str, Any] = {}
+    if tokens.family == "sd":
+        extra = {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        config = cls.load_config(source)
+        if config.get("_class_name") != PIPELINES[tokens.family]:
+            raise TokenFileError(
+                f"these tokens were made for a {tokens.family!r} model ({PIPELINES[tokens.family]}), but {name!r} "
+                f"is a {config.get('_class_name')}: use the model the tokens were trained on"
+            )
+        if tokens.family == "sd3" and "text_encoder_3" not in config:
+            extra = {"text_encoder_3": None, "tokenizer_3": None}  # a checkpoint without T5
+        pipe = cls.from_pretrained(source, dtype=torch_dtype(dtype), **extra)
+    except OSError as error:
+        raise load_error(name, "pipeline", error) from error
+    settings = sampler_settings(tokens)
+    pipe.scheduler = make_scheduler(settings["scheduler"], pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@dataclass
+class Renders:
+    """Images (prompts, seeds, 3, H, W) in [0, 1] of the raw and the tuned prompts."""
+
+    prompts: list[str]
+    seeds: list[int]
+    raw: Tensor
+    tuned: Tensor
+
+
+@torch.no_grad()
+def render(pipe: Any, tokens: TokenFile, prompts: Sequence[str], seeds: Sequence[int], tuned: bool = True) -> Tensor:
+    """Images (len(prompts), len(seeds), 3, H, W) from `pipe` on the given seeds, with or without the tokens."""
+    settings = sampler_settings(tokens)
+    if tuned:
+        apply_tokens(pipe, tokens)
+    else:
+        remove_tokens(pipe)
+    rows = []
+    for prompt in prompts:
+        images = pipe(
+            [prompt] * len(seeds), generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
+            num_inference_steps=settings["num_steps"], guidance_scale=settings["guidance_scale"],
+            height=settings["height"], width=settings["width"], output_type="pt",
+        ).images
+        rows.append(images.float().cpu())
+    remove_tokens(pipe)
+    return torch.stack(rows)
+
+
+def save_renders(renders: Renders, out: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write PNGs, the side-by-side grid and `images.json`; returns the manifest."""
+    from PIL import Image
+
+    files: list[dict[str, Any]] = []
+    for kind, images in (("raw", renders.raw), ("tuned", renders.tuned)):
+        for i, prompt in enumerate(renders.prompts):
+            for j, seed in enumerate(renders.seeds):
+                path = out / kind / f"{i:04d}_seed{seed}.png"
+                array = (images[i, j].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+                with atomic_path(path) as tmp:
+                    Image.fromarray(array).save(tmp, format="PNG")
+                files.append({"kind": kind, "prompt": prompt, "seed": seed, "file": str(path.relative_to(out))})
+    grid = torch.cat([torch.cat([r, t]) for r, t in zip(renders.raw, renders.tuned)])
+    save_image_grid(grid, 2 * len(renders.seeds), out / "grid.png")
+    manifest = {"prompts": renders.prompts, "seeds": renders.seeds, "images": files, "grid": "grid.png",
+                **(extra or {})}
+    write_text(out / "images.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def generate(
+    tokens: str,
+    seeds: str = "1000-1003",
+    prompts: str | None = None,
+    out: str = "generated",
+    model: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    allow_training_seeds: bool = False,
+) -> Renders:
+    """Render raw and tuned prompts on the same seeds.
+
+    Args:
+        tokens: a token file, or a run folder holding tokens.safetensors.
+        seeds: seeds as a range or list, e.g. "0-7" or "1,4,9".
+        prompts: a prompt file (.txt/.csv/.jsonl); default: the prompts of a prompt-wise token file.
+        out: output folder.
+        model: base model id or folder; default: the one recorded in the token file.
+        device: torch device, e.g. "cuda".
+        dtype: float32, float16 or bfloat16.
+        allow_training_seeds: allow seeds the tokens were trained on (recorded in images.json).
+    """
+    token_file = load_tokens(tokens)
+    seed_list = parse_seeds(seeds)
+    flagged = check_held_out(token_file, seed_list, allow_training_seeds)
+    if prompts is not None:
+        prompt_list = read_prompts(prompts)
+    elif token_file.prompts is not None:
+        prompt_list = list(token_file.prompts)
+    else:
+        raise UserError("these are shared (prompt-batch) tokens: give the prompts to render with --prompts FILE")
+    pipe = load_pipeline(token_file, model, device, dtype)
+    renders = Renders(prompt_list, seed_list, render(pipe, token_file, prompt_list, seed_list, tuned=False),
+                      render(pipe, token_file, prompt_list, seed_list, tuned=True))
+    save_renders(renders, Path(out), {"tokens": str(tokens), "training_seeds_used": flagged})
+    print(f"wrote {len(prompt_list) * len(seed_list) * 2} images and grid.png to {out}")
+    return renders
+
+
+def main(args: list[str] | None = None) -> None:
+    """Command line of `python -m ipgo.generate`; bad input ends with its message and exit code 2."""
+    from jsonargparse import auto_cli
+
+    with reported("ipgo.generate"):
+        auto_cli(generate, args=args, as_positional=False)
+
+
+if __name__ == "__main__":
+    main()

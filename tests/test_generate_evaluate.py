@@ -1,0 +1,108 @@
+"""`ipgo.generate` and `ipgo.evaluate` on a tiny run: same seeds, held-out checks, statistics."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipgo.cli import main as fit
+from ipgo.evaluate import candidate_seeds, evaluate
+from ipgo.evaluate import main as evaluate_cli
+from ipgo.generate import SeedError, generate, parse_seeds
+from ipgo.generate import main as generate_cli
+from ipgo.rewards import RewardSpec
+
+ROOT = Path(__file__).parents[1]
+REWARDS = [RewardSpec("clip_score", args={"model": "tiny:clip"}),
+           RewardSpec("aesthetic", args={"head": "tiny:aesthetic-head", "clip_model": "tiny:clip"})]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, ipgo_cache):
+    """A finished tiny prompt-wise run: 2 prompts, 2 steps, trained on seed 0."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("IPGO_CACHE", str(ipgo_cache))  # tiny:... models resolve into the test cache
+    run_dir = tmp_path_factory.mktemp("run")
+    cli = fit(["--config", str(ROOT / "configs/demo.yaml"), "--data.prompts", str(ROOT / "configs/prompts/demo.txt"),
+               "--data.limit", "2", "--model.sampler.num_steps", "3", "--model.report_prompts", "0",
+               "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+               "--trainer.default_root_dir", str(run_dir)])
+    yield run_dir, cli.model
+    patch.undo()
+
+
+def test_generate_matches_the_modules_render(run, tmp_path):
+    run_dir, module = run
+    renders = generate(str(run_dir), seeds="1000-1002", out=str(tmp_path))
+    assert renders.tuned.shape == (2, 3, 3, 32, 32)
+    from ipgo.export import load_tokens
+
+    prefix, suffix = load_tokens(run_dir).tokens_for(renders.prompts)
+    ours = module.render(renders.prompts, renders.seeds, prefix, suffix).view_as(renders.tuned)
+    assert torch.allclose(ours, renders.tuned, atol=1e-5)  # the export is the single source of truth
+    assert torch.allclose(module.render(renders.prompts, renders.seeds).view_as(renders.raw), renders.raw, atol=1e-5)
+    manifest = json.loads((tmp_path / "images.json").read_text())
+    assert len(manifest["images"]) == 12 and (tmp_path / "grid.png").is_file()
+    assert all((tmp_path / image["file"]).is_file() for image in manifest["images"])
+
+
+def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path):
+    run_dir, module = run
+    metrics = evaluate([f"ipgo={run_dir}"], REWARDS, seeds="1000-1002", out=str(tmp_path), bootstrap=200)
+    for name in ("report.md", "metrics.json", "grid_ipgo.png"):
+        assert (tmp_path / name).is_file()
+    assert metrics == json.loads((tmp_path / "metrics.json").read_text())
+    # the compute-matching rule: N = sampler calls per prompt of the run = 2 steps x 1 training seed
+    n = metrics["settings"]["best_of_n"]
+    assert n == 2 and f"best_of_{n}" in metrics["methods"]
+    # win rates equal a hand count from the per-image scores in the same file
+    images = metrics["images"]
+    for method in ("ipgo", f"best_of_{n}"):
+        for reward in ("clip_score", "aesthetic"):
+            raw = {(i["prompt"], i["seed"]): i["scores"][reward] for i in images if i["method"] == "raw"}
+            pairs = [(i["scores"][reward], raw[(i["prompt"], i["seed"])]) for i in images if i["method"] == method]
+            wins = sum(m - r > 1e-6 for m, r in pairs)
+            stats = metrics["methods"][method]["rewards"][reward]
+            assert len(pairs) == 6 and stats["wins"] == wins and stats["win_rate"] == pytest.approx(wins / 6)
+            assert stats["win_rate_ci"][0] <= stats["win_rate"] <= stats["win_rate_ci"][1]
+    # best-of-N kept the candidate with the highest selection-reward score among its N
+    record = next(i for i in images if i["method"] == f"best_of_{n}")
+    candidates = candidate_seeds(record["seed"], n)
+    assert record["candidate_seed"] in candidates
+    scores = module.score([record["prompt"]], candidates)[0]  # the run's reward is clip_score on tiny:clip
+    assert record["candidate_seed"] == candidates[int(scores.argmax())]
+    assert record["scores"]["clip_score"] == pytest.approx(float(scores.max()), abs=1e-5)
+    assert metrics["methods"]["ipgo"]["compute"]["fit_seconds"] > 0
+
+
+def test_training_seeds_are_refused_or_flagged(run, tmp_path):
+    run_dir, _ = run
+    with pytest.raises(SeedError, match=r"seeds \[0\] were used to optimise"):
+        generate(str(run_dir), seeds="0-1", out=str(tmp_path))
+    metrics = evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="0,1000", out=str(tmp_path), best_of_n="off",
+                       allow_training_seeds=True, bootstrap=50)
+    assert metrics["methods"]["ipgo"]["flags"] == ["seeds [0] were used in optimisation"]
+    assert "flagged" in (tmp_path / "report.md").read_text()
+
+
+def test_bad_input_gives_clear_messages(run, tmp_path, capsys):
+    run_dir, _ = run
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (generate_cli, ["--tokens", str(run_dir), "--model", "tiny:sdxl", "--seeds", "1000"],
+         "made for a 'sd' model"),
+        (generate_cli, ["--tokens", str(tmp_path / "empty")], "tokens.safetensors"),
+        (generate_cli, ["--tokens", str(run_dir), "--seeds", "7-3"], "cannot read the seeds '7-3'"),
+        (evaluate_cli, ["--methods", f"[ipgo={run_dir}]", "--rewards", "[{name: clipscore}]"],
+         "unknown reward 'clipscore'"),
+        (evaluate_cli, ["--methods", f"[{run_dir}]", "--rewards", "[{name: clip_score}]"], "write NAME=PATH"),
+    ]
+    for cli, args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli([*args, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err, (args, err[-1500:])
+    assert parse_seeds("0-2,9") == [0, 1, 2, 9]
+    with pytest.raises(SeedError, match="repeat"):
+        parse_seeds("1,1")
