@@ -94,7 +94,7 @@ def load_pipeline(tokens: TokenFile, model: str | None = None, device: str = "cp
                 f"these tokens were made for a {tokens.family!r} model ({PIPELINES[tokens.family]}), but {name!r} "
                 f"is a {config.get('_class_name')}: use the model the tokens were trained on"
             )
-        if tokens.family == "sd3" and "text_encoder_3" not in config:
+        if tokens.family == "sd3" and (config.get("text_encoder_3") or [None])[0] is None:
             extra = {"text_encoder_3": None, "tokenizer_3": None}  # a checkpoint without T5
         pipe = cls.from_pretrained(source, dtype=torch_dtype(dtype), **extra)
     except OSError as error:

@@ -106,3 +106,44 @@ def test_bad_input_gives_clear_messages(run, tmp_path, capsys):
     assert parse_seeds("0-2,9") == [0, 1, 2, 9]
     with pytest.raises(SeedError, match="repeat"):
         parse_seeds("1,1")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_generate_works_for_every_family(family, ipgo_cache, tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from ipgo.export import TokenFile, save_tokens
+    from ipgo.sampling import SamplerConfig
+
+    monkeypatch.setenv("IPGO_CACHE", str(ipgo_cache))
+    sampler = SamplerConfig(scheduler="flow_euler" if family == "sd3" else "euler", num_steps=2, grad_steps=1,
+                            guidance_scale=3.0, height=32, width=32)
+    tokens = TokenFile(torch.randn(2, 64) * 3, torch.randn(1, 64) * 3, family=family, base_model=f"tiny:{family}",
+                       hidden_size=64, extra={"sampler": json.dumps(asdict(sampler)), "seeds": '{"train": [0]}'})
+    path = save_tokens(tmp_path / "tokens.safetensors", tokens)
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    renders = generate(str(path), seeds="5,6", prompts=str(tmp_path / "prompts.txt"), out=str(tmp_path / "out"))
+    assert renders.tuned.shape == (1, 2, 3, 32, 32) and not torch.allclose(renders.raw, renders.tuned)
+
+
+def test_fit_logs_image_grids_to_tensorboard(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ipgo.backbones import StableDiffusion
+    from ipgo.data import PromptDataModule
+    from ipgo.module import IPGOModule, SeedConfig
+    from ipgo.rewards import ClipScore
+    from ipgo.sampling import SamplerConfig
+
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    module = IPGOModule(StableDiffusion(str(tiny_sd_dir)), ClipScore(str(tiny_clip_dir)),
+                        sampler=SamplerConfig(num_steps=2, grad_steps=1, height=32, width=32),
+                        seeds=SeedConfig(eval=[7, 8]), image_every_n_epochs=1, report_prompts=0)
+    logger = TensorBoardLogger(str(tmp_path), name="", version="")
+    L.Trainer(max_epochs=1, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, datamodule=PromptDataModule(str(tmp_path / "p.txt")))
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert "val/images" in events.Tags()["images"] and "train/reward_epoch" in events.Tags()["scalars"]
