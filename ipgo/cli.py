@@ -46,6 +46,7 @@ class IPGOCLI(LightningCLI):
                 CSVLogger(save_dir=str(run_dir), name="csv"),
             ]
         kwargs["default_root_dir"] = str(run_dir)
+        kwargs["inference_mode"] = False  # the multi-process prompt-wise path optimises inside predict
         callbacks = list(config.get("callbacks") or [])
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             # an explicit folder, so that `--ckpt_path last` finds it before the trainer is set up
@@ -88,7 +89,13 @@ def main(args: list[str] | None = None) -> IPGOCLI:
             f"{run_dir} already holds a finished run (tokens.safetensors). Choose a new folder with "
             "--trainer.default_root_dir, or resume with --ckpt_path last."
         )
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    if cli.model.prompt_wise and cli.trainer.world_size > 1:
+        # several processes: each optimises its own prompts with a local optimiser (see IPGOModule.predict_step)
+        if ckpt_path is not None:
+            raise UserError("multi-process prompt-wise runs cannot resume from a checkpoint; run them again")
+        cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
+    else:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli
 
 

@@ -136,6 +136,11 @@ class PromptDataModule(L.LightningDataModule):
         dataset = PromptDataset(self.train_prompts, list(range(len(self.train_prompts))))
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=self.shuffle)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The training prompts in file order: the multi-process prompt-wise path optimises them here."""
+        dataset = PromptDataset(self.train_prompts, list(range(len(self.train_prompts))))
+        return DataLoader(dataset, batch_size=self.batch_size)
+
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_prompts:
             return []

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ipgo.backbones.base import Backbone, TooLong, check_prompt_lengths
 from ipgo.errors import UserError
+from ipgo.files import atomic_path
 from ipgo.inject import Layout, conditioning, conformity
 from ipgo.rewards.base import Reward
 from ipgo.rewards.combine import CombinedReward, RewardConfigError, RewardSpec, build_reward
@@ -247,15 +248,17 @@ class IPGOModule(L.LightningModule):
         return index if self.prompt_wise else torch.zeros_like(index)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        prompts, index = list(batch["prompt"]), batch["index"]
+        return self._step_loss(list(batch["prompt"]), batch["index"], self.current_epoch, log=True)
+
+    def _step_loss(self, prompts: list[str], index: Tensor, step: int, log: bool = False) -> Tensor:
+        """The loss of one optimisation step of these prompts (`step`: the epoch, for fresh noise)."""
         prefix, suffix = self.token_vectors(self._set_ids(index))
         cond, uncond, embeds, placed_prefix, placed_suffix = conditioning(
             self.backbone, prompts, prefix, suffix, self.layout, self.too_long, prompt_attention=self.prompt_attention
         )
         n_seeds = len(self.seeds.train)
-        noise = initial_noise(
-            self.backbone, self.sampler_config, self.seeds.for_items(index.tolist(), self.current_epoch), self.device
-        )
+        seeds = self.seeds.for_items(index.tolist(), step)
+        noise = initial_noise(self.backbone, self.sampler_config, seeds, self.device)
         images = self.sampler(self.backbone, cond.repeat_interleave(n_seeds), uncond.repeat_interleave(n_seeds), noise)
         rewards = self.reward(images, [p for p in prompts for _ in range(n_seeds)]).view(len(prompts), n_seeds)
         self._check_finite(rewards, prompts)
@@ -266,14 +269,76 @@ class IPGOModule(L.LightningModule):
         if self.best is not None:
             self.best.update(index, reward, prefix, suffix)
         self.compute["images_rendered"] += len(prompts) * n_seeds
-        size = len(prompts)
-        self.log("train/reward", reward.mean(), prog_bar=True, batch_size=size, on_step=True, on_epoch=True)
-        self.log("train/conformity", penalty.mean(), batch_size=size, on_epoch=True)
-        if isinstance(self.reward, CombinedReward):
-            for name, scores in self.reward.components.items():
-                self.log(f"train/{name}", scores.mean(), batch_size=size, on_epoch=True)
-        self.log("train/loss", losses.mean(), batch_size=size, on_epoch=True)
+        if log:
+            size = len(prompts)
+            self.log("train/reward", reward.mean(), prog_bar=True, batch_size=size, on_step=True, on_epoch=True)
+            self.log("train/conformity", penalty.mean(), batch_size=size, on_epoch=True)
+            if isinstance(self.reward, CombinedReward):
+                for name, scores in self.reward.components.items():
+                    self.log(f"train/{name}", scores.mean(), batch_size=size, on_epoch=True)
+            self.log("train/loss", losses.mean(), batch_size=size, on_epoch=True)
         return loss
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """Prompt-wise optimisation of one batch of prompts from the first step to the last.
+
+        The multi-process path (`trainer.predict` with the DDP strategy): each rank optimises its own
+        prompts with a local optimiser, so no gradient is ever averaged between prompts. Steps per
+        prompt = `trainer.max_epochs`; every step is the same as in `fit` (same init, noise, Adam
+        state per parameter, per-set clipping, projection, schedule per step), so each prompt ends
+        with the tokens a single-process `fit` gives it.
+        """
+        if not self.prompt_wise or self.lr_interval != "epoch":
+            raise ValueError("the multi-process path is prompt-wise only, with lr_interval=epoch")
+        prompts, index = list(batch["prompt"]), batch["index"]
+        params = [p for i in index.tolist() for p in self.tokens.sets[i].parameters()]
+        optimizer = self.optimizer_factory(params)
+        schedule = self.lr_scheduler_factory(optimizer) if self.lr_scheduler_factory else None
+        with torch.enable_grad():
+            for step in range(self.trainer.max_epochs):
+                optimizer.zero_grad()
+                self._step_loss(prompts, index, step).backward()
+                if self.grad_clip is not None:
+                    self.tokens.clip_grad_norm_per_set_(self.grad_clip)
+                optimizer.step()
+                self.tokens.project_()
+                if schedule is not None:
+                    schedule.step()
+        self._predicted += index.tolist()
+        return {"index": index}
+
+    def on_predict_start(self) -> None:
+        self._fit_started = time.perf_counter()
+        self._predicted: list[int] = []
+
+    def on_predict_end(self) -> None:
+        """Each rank writes its prompts' tokens to a shard; rank 0 merges them and writes the run's outputs."""
+        run_dir = Path(self.trainer.default_root_dir)
+        mine = set(self._predicted)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                 if k.startswith("best.") or (k.startswith("tokens.sets.") and int(k.split(".")[2]) in mine)}
+        shard = run_dir / "shards" / f"rank{self.global_rank}.pt"
+        with atomic_path(shard) as tmp:
+            torch.save({"state": state, "indices": sorted(mine), "compute": self._compute_so_far()}, tmp)
+        self.trainer.strategy.barrier()
+        if self.trainer.is_global_zero:
+            self._merge_shards(sorted((run_dir / "shards").glob("rank*.pt")))
+            from ipgo.report import write_run_outputs
+
+            write_run_outputs(self, run_dir)
+
+    def _merge_shards(self, shards: list[Path]) -> None:
+        merged = {"fit_seconds": 0.0, "images_rendered": 0}
+        for path in shards:
+            shard = torch.load(path, weights_only=True)
+            rows = torch.tensor(shard["indices"], dtype=torch.long)
+            tokens = {k: v for k, v in shard["state"].items() if k.startswith("tokens.")}
+            self.load_state_dict(tokens, strict=False)
+            for name in ("reward", "first", "last", "prefix", "suffix"):
+                getattr(self.best, name)[rows] = shard["state"][f"best.{name}"][rows].to(self.device)
+            merged["fit_seconds"] = max(merged["fit_seconds"], shard["compute"]["fit_seconds"])
+            merged["images_rendered"] += shard["compute"]["images_rendered"]
+        self.compute, self._fit_started = merged, time.perf_counter()
 
     def _check_finite(self, rewards: Tensor, prompts: Sequence[str]) -> None:
         bad = ~torch.isfinite(rewards).all(dim=1)
