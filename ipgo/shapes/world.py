@@ -1,0 +1,155 @@
+"""The shapes world: 32 x 32 images of one or two coloured shapes, their captions, and an exact oracle.
+
+A scene puts a shape (circle, square or triangle) in one of four colours into the left and/or
+the right half of a black image. Captions name each shape with its side:
+
+    "a red circle on the left"                      one shape
+    "a red circle on the left and a blue square on the right"
+
+The oracle reads an image back without any learned weights: the foreground of each half is
+every pixel whose brightest channel exceeds a threshold; its colour is the palette colour
+nearest to the foreground's mean; its shape is told by how much of its bounding box it fills
+(square ~1.0, circle ~pi/4, triangle ~0.5). It is exact on rendered scenes and is for
+evaluation only (not differentiable).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from itertools import product
+
+import torch
+from torch import Tensor
+
+SIZE = 32
+HALF = SIZE // 2
+COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
+SHAPES = ("circle", "square", "triangle")
+SIDES = ("left", "right")
+FOREGROUND = 0.35  # a pixel whose brightest channel exceeds this is part of a shape
+MIN_PIXELS = 6  # fewer foreground pixels in a half: the half is empty
+
+
+@dataclass(frozen=True)
+class Item:
+    """One shape of a scene."""
+
+    colour: str
+    shape: str
+    side: str
+
+    def phrase(self) -> str:
+        return f"a {self.colour} {self.shape} on the {self.side}"
+
+
+Scene = tuple[Item, ...]
+
+
+def caption(scene: Scene) -> str:
+    """The caption of a scene (left item first)."""
+    return " and ".join(item.phrase() for item in sorted(scene, key=lambda i: SIDES.index(i.side)))
+
+
+def parse(text: str) -> Scene:
+    """The scene a caption describes; raises ValueError for text outside the shapes world."""
+    items = []
+    for phrase in text.strip().split(" and "):
+        words = phrase.split()
+        if len(words) != 6 or words[0] != "a" or words[3:5] != ["on", "the"] or words[1] not in COLOURS \
+                or words[2] not in SHAPES or words[5] not in SIDES:
+            raise ValueError(f"not a shapes-world caption: {text!r}")
+        items.append(Item(words[1], words[2], words[5]))
+    if len({i.side for i in items}) != len(items):
+        raise ValueError(f"two shapes on one side: {text!r}")
+    return tuple(sorted(items, key=lambda i: SIDES.index(i.side)))
+
+
+def all_scenes() -> list[Scene]:
+    """Every scene: 24 with one shape, 144 with two (one per side)."""
+    singles = [(Item(c, s, side),) for side, c, s in product(SIDES, COLOURS, SHAPES)]
+    pairs = [(Item(c1, s1, "left"), Item(c2, s2, "right"))
+             for c1, s1, c2, s2 in product(COLOURS, SHAPES, COLOURS, SHAPES)]
+    return singles + pairs
+
+
+def caption_split(seed: int = 0, held_out: float = 0.2) -> tuple[list[str], list[str]]:
+    """A fixed split of all captions into (train, held_out); held-out captions never enter training."""
+    captions = [caption(scene) for scene in all_scenes()]
+    random.Random(seed).shuffle(captions)
+    n = round(len(captions) * held_out)
+    return sorted(captions[n:]), sorted(captions[:n])
+
+
+def _mask(shape: str, size: int, generator: torch.Generator) -> Tensor:
+    """A boolean mask (size, size) of a shape filling most of the box."""
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    if shape == "square":
+        return torch.ones(size, size, dtype=torch.bool)
+    if shape == "circle":
+        return (ys - size / 2) ** 2 + (xs - size / 2) ** 2 <= (size / 2) ** 2
+    if shape == "triangle":  # apex at the top, base at the bottom
+        return (xs - size / 2).abs() <= ys / 2
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(scene: Scene, generator: torch.Generator | None = None) -> Tensor:
+    """The image (3, 32, 32) in [0, 1] of a scene, with a small random size and position jitter."""
+    generator = generator or torch.Generator().manual_seed(0)
+    image = torch.zeros(3, SIZE, SIZE)
+    for item in scene:
+        size = 10 + int(torch.randint(0, 3, (1,), generator=generator))
+        top = int(torch.randint(2, SIZE - size - 1, (1,), generator=generator))
+        left = (0 if item.side == "left" else HALF) + int(torch.randint(1, HALF - size, (1,), generator=generator))
+        mask = _mask(item.shape, size, generator)
+        colour = torch.tensor(COLOURS[item.colour]).view(3, 1, 1)
+        region = image[:, top : top + size, left : left + size]
+        image[:, top : top + size, left : left + size] = torch.where(mask, colour, region)
+    return image
+
+
+@dataclass
+class Reading:
+    """What the oracle sees in one half of an image (None: empty)."""
+
+    colour: str | None
+    shape: str | None
+
+
+def read(image: Tensor) -> dict[str, Reading]:
+    """The oracle's reading of each half of an image (3, 32, 32) in [0, 1]."""
+    readings = {}
+    palette = torch.tensor(list(COLOURS.values()))  # (4, 3)
+    for side, half in zip(SIDES, (image[:, :, :HALF], image[:, :, HALF:])):
+        mask = half.max(dim=0).values > FOREGROUND
+        if int(mask.sum()) < MIN_PIXELS:
+            readings[side] = Reading(None, None)
+            continue
+        mean = half[:, mask].mean(dim=1)
+        colour = list(COLOURS)[int(((palette - mean) ** 2).sum(dim=1).argmin())]
+        rows, cols = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
+        box = (int(rows.max() - rows.min()) + 1) * (int(cols.max() - cols.min()) + 1)
+        fill = int(mask.sum()) / box
+        shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
+        readings[side] = Reading(colour, shape)
+    return readings
+
+
+@dataclass
+class Score:
+    """Oracle scores of one image against its caption (1.0 right, 0.0 wrong)."""
+
+    colours: float
+    positions: float
+    shapes: float
+    all_correct: float
+
+
+def score(image: Tensor, text: str) -> Score:
+    """Whether the image shows what the caption says: colours, positions (occupied sides), shapes, all."""
+    scene = {item.side: item for item in parse(text)}
+    seen = read(image)
+    positions = all((seen[side].colour is not None) == (side in scene) for side in SIDES)
+    colours = all(seen[side].colour == item.colour for side, item in scene.items())
+    shapes = all(seen[side].shape == item.shape for side, item in scene.items())
+    return Score(float(colours), float(positions), float(shapes), float(colours and positions and shapes))
