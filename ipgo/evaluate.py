@@ -81,7 +81,7 @@ def summary_statistics(scores: Tensor) -> dict:
 @torch.no_grad()
 def score(reward: CombinedReward, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
     """Every component's scores (prompts, seeds) of images (prompts, seeds, 3, H, W)."""
-    flat = images.flatten(0, 1).to(reward._where.device)
+    flat = images.flatten(0, 1).to(next(reward.buffers()).device)
     reward(flat, [p for p in prompts for _ in range(images.shape[1])])
     return {name: values.float().cpu().view(images.shape[:2]) for name, values in reward.components.items()}
 

@@ -143,7 +143,8 @@ def test_fit_logs_image_grids_to_tensorboard(tiny_sd_dir, tiny_clip_dir, tmp_pat
                         seeds=SeedConfig(eval=[7, 8]), image_every_n_epochs=1, report_prompts=0)
     logger = TensorBoardLogger(str(tmp_path), name="", version="")
     L.Trainer(max_epochs=1, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, default_root_dir=str(tmp_path)).fit(module, datamodule=PromptDataModule(str(tmp_path / "p.txt")))
+              enable_model_summary=False, default_root_dir=str(tmp_path)).fit(
+        module, datamodule=PromptDataModule(str(tmp_path / "p.txt")))
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert "val/images" in events.Tags()["images"] and "train/reward_epoch" in events.Tags()["scalars"]

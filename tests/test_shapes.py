@@ -30,3 +30,43 @@ def test_captions_and_split():
     for bad in ("a purple circle on the left", "a red circle on the left and a red square on the left", "a cat"):
         with pytest.raises(ValueError):
             parse(bad)
+
+
+def test_hard_negatives_differ_in_one_aspect():
+    import random
+
+    from ipgo.shapes.clip import hard_negatives
+
+    rng = random.Random(0)
+    for text in ("a red circle on the left", "a red circle on the left and a blue square on the right",
+                 "a red circle on the left and a red circle on the right"):
+        negatives = hard_negatives(text, rng)
+        assert len(negatives) == 3 and text not in negatives and len(set(negatives)) == 3
+        assert all(parse(n) for n in negatives)
+    assert hard_negatives("a red circle on the left", rng)[0] == "a red circle on the right"  # the swap
+
+
+@pytest.mark.slow
+def test_training_smoke_run_gives_loadable_models(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from ipgo.backbones import StableDiffusion
+    from ipgo.rewards import ClipScore
+    from ipgo.shapes.clip import oracle_caption, train_clip
+    from ipgo.shapes.train import auc, to_latents, train
+
+    path = train(str(tmp_path / "sd"), steps=2, decoder_steps=2, batch_size=4)
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+    images = pipe(["a red circle on the left"], num_inference_steps=2, height=32, width=32, output_type="pt").images
+    assert images.shape == (1, 3, 32, 32)
+    backbone = StableDiffusion(str(path))
+    backbone.load()
+    assert backbone.latent_shape(1, 32, 32) == (1, 12, 16, 16)
+    image = render(parse("a blue square on the right"))
+    assert torch.allclose(torch.nn.functional.pixel_shuffle(to_latents(image[None]), 2)[0], image * 2 - 1)
+    assert oracle_caption(image) == "a blue square on the right" and oracle_caption(torch.zeros(3, 32, 32)) is None
+    clip = train_clip(tmp_path / "clip", generated=[image], steps=2, batch_size=8)
+    reward = ClipScore(str(clip))
+    reward.load()
+    assert reward(image[None], ["a blue square on the right"]).shape == (1,)
+    assert auc([0.9, 0.8, 0.1], [True, True, False]) == 1.0 and auc([0.1, 0.9], [True, False]) == 0.0

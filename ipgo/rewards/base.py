@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -120,6 +120,17 @@ class ClipReward(Reward):
         """Projected CLIP image embeddings ``[B, D]`` (not normalised), differentiable in ``images``."""
         pixels = differentiable_preprocess(images.float(), self._size, self._mean, self._std, self._crop)
         return _vector(self.clip.get_image_features(pixel_values=pixels.to(self.clip.dtype)))
+
+
+def cached_rows(cache: dict[str, Tensor], keys: Sequence[str], compute: Callable[[list[str]], Tensor],
+                limit: int = 4096) -> Tensor:
+    """Rows for `keys` (B, D), computing only the missing ones (prompt features do not depend on pixels)."""
+    missing = list(dict.fromkeys(k for k in keys if k not in cache))
+    if missing:
+        if len(cache) + len(missing) > limit:
+            cache.clear()
+        cache.update(zip(missing, compute(missing)))
+    return torch.stack([cache[k] for k in keys])
 
 
 def _size_value(size: object, key: str) -> int | None:

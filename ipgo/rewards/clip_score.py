@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ipgo.rewards.base import ClipReward, _vector
-
-_CACHE_LIMIT = 4096  # prompts; text features do not depend on pixels, so each is encoded once
+from ipgo.rewards.base import ClipReward, _vector, cached_rows
 
 
 class ClipScore(ClipReward):
@@ -31,17 +29,15 @@ class ClipScore(ClipReward):
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> Tensor:
         """CLIP text embeddings ``[B, D]`` (constant, cached per prompt)."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
-            if len(self._text_cache) + len(missing) > _CACHE_LIMIT:
-                self._text_cache.clear()
+
+        def encode(texts: list[str]) -> Tensor:
             max_length = self.clip.config.text_config.max_position_embeddings
             tokens = self.tokenizer(
-                missing, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+                texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
             ).to(self._where.device)
-            features = _vector(self.clip.get_text_features(**tokens))
-            self._text_cache.update(zip(missing, features))
-        return torch.stack([self._text_cache[p] for p in prompts])
+            return _vector(self.clip.get_text_features(**tokens))
+
+        return cached_rows(self._text_cache, prompts, encode)
 
     def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
         image = self.image_features(images)

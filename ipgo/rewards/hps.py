@@ -21,14 +21,13 @@ from torch import Tensor
 
 from ipgo.backbones.base import ModelNotFoundError
 from ipgo.rewards.aesthetic import WeightsFormatError
-from ipgo.rewards.base import Reward, differentiable_preprocess
+from ipgo.rewards.base import Reward, cached_rows, differentiable_preprocess
 from ipgo.testing import is_tiny, resolve_source
 
 _HPS_HINT = (
     "Download HPS_v2.1_compressed.pt (or HPS_v2_compressed.pt) from the Hugging Face repo "
     "xswu/HPSv2 on a machine with internet and pass its local path."
 )
-_CACHE_LIMIT = 4096  # prompts
 
 
 class HPSv2(Reward):
@@ -89,14 +88,11 @@ class HPSv2(Reward):
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> Tensor:
         """Normalised text embeddings ``[B, D]`` (constant, cached per prompt)."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
-            if len(self._text_cache) + len(missing) > _CACHE_LIMIT:
-                self._text_cache.clear()
-            tokens = self.tokenizer(missing).to(self._where.device)
-            features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-            self._text_cache.update(zip(missing, features))
-        return torch.stack([self._text_cache[p] for p in prompts])
+
+        def encode(texts: list[str]) -> Tensor:
+            return F.normalize(self.model.encode_text(self.tokenizer(texts).to(self._where.device)).float(), dim=-1)
+
+        return cached_rows(self._text_cache, prompts, encode)
 
     def image_features(self, images: Tensor) -> Tensor:
         """Normalised image embeddings ``[B, D]`` in float32, differentiable in ``images``."""
