@@ -169,7 +169,10 @@ def build(out: str, steps: int = 400, clip_steps: int = 600, seed: int = 0) -> d
     from ipgo.shapes.world import score
 
     root = Path(out)
-    train(str(root / "sd"), steps=steps, seed=seed)
+    done = root / "sd" / "training.json"
+    if not (done.is_file() and json.loads(done.read_text())["unet_steps"] == steps
+            and json.loads(done.read_text())["seed"] == seed):  # a finished stage of the same command is kept
+        train(str(root / "sd"), steps=steps, seed=seed)
     pipe = StableDiffusionPipeline.from_pretrained(root / "sd", safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     train_captions, held_out = caption_split()
