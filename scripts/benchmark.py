@@ -129,7 +129,6 @@ def run_variant(args: argparse.Namespace, variant: str, batch: int, knob: str | 
     """Time one variant in this process: median seconds per step and peak memory of the step in bytes."""
     from ipgo.backbones import StableDiffusion
     from ipgo.inject import conditioning
-    from ipgo.rewards import ClipScore
     from ipgo.sampling import SamplerConfig, TruncatedSampler, initial_noise
     from ipgo.tokens import TokenConfig, TokenSets
 
@@ -138,7 +137,7 @@ def run_variant(args: argparse.Namespace, variant: str, batch: int, knob: str | 
     backbone = StableDiffusion(model, dtype=args.dtype, gradient_checkpointing=knob == "gradient_checkpointing")
     backbone.load()
     backbone.to(device)
-    reward = ClipScore(clip).to(device=device, dtype=backbone.dtype)
+    reward = make_reward(args, clip).to(device=device, dtype=backbone.dtype)
     reward.load()
     if knob == "channels_last":
         backbone.unet.to(memory_format=torch.channels_last)
@@ -216,10 +215,29 @@ def measure(args: argparse.Namespace, variant: str, batch: int, knob: str | None
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def make_reward(args: argparse.Namespace, clip: str) -> Any:
+    """The reward of the measurement: CLIP score (ViT-L/14-shaped when full size) or HPSv2 (ViT-H-14-shaped)."""
+    from ipgo.rewards import ClipScore, HPSv2
+
+    if args.reward == "clip":
+        return ClipScore(clip)
+    if not args.full_size:
+        from ipgo.testing import TINY_OPEN_CLIP_NAME
+
+        return HPSv2("tiny:hps", model_name=TINY_OPEN_CLIP_NAME)
+    checkpoint = Path(args.cache) / "hps-vit-h-14-shaped.pt"
+    if not checkpoint.exists():  # random weights of HPSv2's architecture: the same cost as the real checkpoint
+        import open_clip
+
+        torch.save(open_clip.create_model("ViT-H-14").state_dict(), checkpoint)
+    return HPSv2(str(checkpoint), model_name="ViT-H-14")
+
+
 def options(args: argparse.Namespace) -> list[str]:
     """The options that define the measurement, as command-line flags."""
     flags = ["--steps", str(args.steps), "--grad-steps", str(args.grad_steps), "--size", str(args.size), "--repeats",
-             str(args.repeats), "--device", args.device, "--dtype", args.dtype, "--cache", args.cache]
+             str(args.repeats), "--device", args.device, "--dtype", args.dtype, "--cache", args.cache, "--reward",
+             args.reward]
     flags += [f"--{name}" for name in ("full-size", "small") if getattr(args, name.replace("-", "_"))]
     return flags
 
@@ -245,7 +263,8 @@ def report(args: argparse.Namespace, command: str, rows: list[dict], throughput:
     model = "SD 1.5-shaped, random weights" + (" (scaled down)" if args.small else "") if args.full_size else "tiny:sd1"
     memory = "CUDA max allocated" if args.device.startswith("cuda") else "rise of process peak RSS over the step"
     lines = [f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Model: {model}; {args.size} px, LMS, "
-             f"T={args.steps}, K={args.grad_steps}, CFG 7.5, 10 + 10 tokens (rank 32), ClipScore reward, "
+             f"T={args.steps}, K={args.grad_steps}, CFG 7.5, 10 + 10 tokens (rank 32), "
+             f"{'HPSv2' if args.reward == 'hpsv2' else 'ClipScore'} reward, "
              f"{args.batch} prompt(s) per step, weights {args.dtype}, median of {args.repeats} after 1 warm-up.",
              f"Machine: {machine(args)}.", f"Command: `{command}`", "",
              f"| variant | median s / step | fastest s / step | peak memory (MiB, {memory}) | vs ipgo |",
@@ -303,6 +322,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="add a row: ipgo with checkpointing")
     parser.add_argument("--channels-last", action="store_true", help="add a row: ipgo with a channels-last UNet")
     parser.add_argument("--compile", action="store_true", help="add a row: ipgo with torch.compile(unet)")
+    parser.add_argument("--reward", default="clip", choices=("clip", "hpsv2"),
+                        help="reward: CLIP score, or HPSv2 (open_clip ViT-H-14-shaped with --full-size)")
     parser.add_argument("--throughput", default="1,2,4,8", help="prompts per step to compare ('' skips)")
     parser.add_argument("--throughput-steps", type=int, default=50, help="optimisation steps per prompt")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "ipgo-bench"), help="built models")

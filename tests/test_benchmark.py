@@ -45,6 +45,14 @@ def test_tiny_run_writes_all_variants_and_throughput(bench: ModuleType, tmp_path
     assert written.startswith("# Benchmarks\n\nkept\n") and written.endswith("<!-- cpu-tiny:end -->\ntail\n")
 
 
+def test_hpsv2_reward_option(bench: ModuleType, ipgo_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IPGO_CACHE", str(ipgo_cache))
+    text = bench.main(["--steps", "2", "--grad-steps", "1", "--repeats", "1", "--throughput", "", "--reward", "hpsv2",
+                       "--device", "cpu", "--in-process", "--out", ""])
+    _check_table(text)
+    assert "HPSv2 reward" in text
+
+
 @pytest.mark.slow
 def test_sd15_shaped_path_scaled_down(bench: ModuleType, tmp_path: Path) -> None:
     """The --full-size path (save_pretrained, then StableDiffusion / ClipScore loading) with small configs."""
