@@ -178,6 +178,8 @@ class Backbone(nn.Module, ABC):
     """Model family written into token files ("sd", "sdxl", "sd3")."""
     pipeline_parts: ClassVar[tuple[str, ...]]
     """Attribute names shared with the family's diffusers pipeline."""
+    tokenizer_parts: ClassVar[tuple[str, ...]]
+    """The tokenizers `load_tokenizer` loads (the cheap parts needed to check prompts)."""
 
     def __init__(
         self,
@@ -258,9 +260,11 @@ class Backbone(nn.Module, ABC):
         except OSError as error:
             raise load_error(self.model, "scheduler config", error) from error
 
-    @abstractmethod
     def load_tokenizer(self) -> None:
         """Load the tokenizer(s) only (cheap), so prompts can be checked before weights load."""
+        for part in self.tokenizer_parts:
+            if getattr(self, part) is None:
+                setattr(self, part, self._load_tokenizer(part))
 
     @abstractmethod
     def load(self) -> None:

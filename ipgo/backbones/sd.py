@@ -18,6 +18,7 @@ class StableDiffusion(Backbone):
     """Stable Diffusion 1.x / 2.x (`StableDiffusionPipeline` layout); see `Backbone` for the arguments."""
 
     family: ClassVar[str] = "sd"
+    tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer",)
     pipeline_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "text_encoder", "unet", "vae")
 
     def __init__(
@@ -29,10 +30,6 @@ class StableDiffusion(Backbone):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__(model, dtype, revision, variant, gradient_checkpointing)
-
-    def load_tokenizer(self) -> None:
-        if self.tokenizer is None:
-            self.tokenizer = self._load_tokenizer("tokenizer")
 
     def load(self) -> None:
         if self.unet is not None:

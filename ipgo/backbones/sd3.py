@@ -30,6 +30,7 @@ class StableDiffusion3(Backbone):
     """
 
     family: ClassVar[str] = "sd3"
+    tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     pipeline_parts: ClassVar[tuple[str, ...]] = (
         "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3",
         "transformer", "vae",
@@ -52,11 +53,6 @@ class StableDiffusion3(Backbone):
         backbone = super().from_pipeline(pipe)
         backbone.max_sequence_length = 256
         return backbone
-
-    def load_tokenizer(self) -> None:
-        if self.tokenizer is None:
-            self.tokenizer = self._load_tokenizer("tokenizer")
-            self.tokenizer_2 = self._load_tokenizer("tokenizer_2")
 
     def load(self) -> None:
         if self.transformer is not None:

@@ -28,6 +28,7 @@ class StableDiffusionXL(Backbone):
     """
 
     family: ClassVar[str] = "sdxl"
+    tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     pipeline_parts: ClassVar[tuple[str, ...]] = (
         "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "unet", "vae"
     )
@@ -41,11 +42,6 @@ class StableDiffusionXL(Backbone):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__(model, dtype, revision, variant, gradient_checkpointing)
-
-    def load_tokenizer(self) -> None:
-        if self.tokenizer is None:
-            self.tokenizer = self._load_tokenizer("tokenizer")
-            self.tokenizer_2 = self._load_tokenizer("tokenizer_2")
 
     def load(self) -> None:
         if self.unet is not None:
