@@ -178,6 +178,8 @@ class Backbone(nn.Module, ABC):
     """Model family written into token files ("sd", "sdxl", "sd3")."""
     pipeline_parts: ClassVar[tuple[str, ...]]
     """Attribute names shared with the family's diffusers pipeline."""
+    denoiser_part: ClassVar[str] = "unet"
+    """The attribute holding the denoiser (UNet or transformer)."""
     tokenizer_parts: ClassVar[tuple[str, ...]]
     """The tokenizers `load_tokenizer` loads (the cheap parts needed to check prompts)."""
 
@@ -342,9 +344,11 @@ class Backbone(nn.Module, ABC):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self._loaded(self.vae).config.block_out_channels) - 1)
 
-    @abstractmethod
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         """Shape of the initial noise for images of height x width."""
+        factor = self._check_size(height, width)
+        channels = int(self._loaded(getattr(self, self.denoiser_part)).config.in_channels)
+        return (batch, channels, height // factor, width // factor)
 
     @abstractmethod
     def denoise(self, latents: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:

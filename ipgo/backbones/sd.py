@@ -56,10 +56,6 @@ class StableDiffusion(Backbone):
             return Conditioning(self.encode([""]).hidden[:, :total].expand(batch, -1, -1))
         return Conditioning(self.encode(prompts, too_long="truncate").hidden[:, :total])
 
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        factor = self._check_size(height, width)
-        return (batch, int(self._loaded(self.unet).config.in_channels), height // factor, width // factor)
-
     def denoise(self, latents: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         unet = self._loaded(self.unet)
         return unet(latents, timestep, encoder_hidden_states=cond.hidden.to(unet.dtype), return_dict=False)[0]

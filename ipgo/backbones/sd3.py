@@ -31,6 +31,7 @@ class StableDiffusion3(Backbone):
 
     family: ClassVar[str] = "sd3"
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
+    denoiser_part: ClassVar[str] = "transformer"
     pipeline_parts: ClassVar[tuple[str, ...]] = (
         "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3",
         "transformer", "vae",
@@ -99,10 +100,6 @@ class StableDiffusion3(Backbone):
     def negative(self, batch: int, total: int, prompts: Sequence[str] | None = None) -> Conditioning:
         embeds = self.encode(prompts if prompts is not None else [""] * batch, too_long="truncate")
         return Conditioning(embeds.hidden[:, :total], embeds.pooled)
-
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        factor = self._check_size(height, width)
-        return (batch, int(self._loaded(self.transformer).config.in_channels), height // factor, width // factor)
 
     def denoise(self, latents: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         transformer = self._loaded(self.transformer)

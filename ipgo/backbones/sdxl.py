@@ -79,10 +79,6 @@ class StableDiffusionXL(Backbone):
         embeds = self.encode(prompts, too_long="truncate")
         return Conditioning(embeds.hidden[:, :total], embeds.pooled)
 
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        factor = self._check_size(height, width)
-        return (batch, int(self._loaded(self.unet).config.in_channels), height // factor, width // factor)
-
     def denoise(self, latents: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         unet = self._loaded(self.unet)
         height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
