@@ -122,6 +122,8 @@ class IPGOModule(L.LightningModule):
             parameter-free cross-attention over the prompt's states (formula in `inject.py`).
         rewards: instead of `reward`, named rewards summed with weights, each logged on its own:
             `[{name: aesthetic, weight: 1.0, args: {head: ...}}, {name: hpsv2, weight: 0.5, ...}]`.
+        judges: named rewards that only score the before/after renders of the run summary, never
+            optimised, e.g. `[{name: shapes_oracle}]` or a held-out reward model.
     """
 
     def __init__(
@@ -144,11 +146,12 @@ class IPGOModule(L.LightningModule):
         image_every_n_epochs: int = 5,
         prompt_attention: bool = False,
         rewards: list[RewardSpec] | None = None,
+        judges: list[RewardSpec] | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("prompt-wise", "prompt-batch"):
             raise ValueError(f"unknown mode {mode!r}; choose 'prompt-wise' or 'prompt-batch'")
-        self.save_hyperparameters(ignore=["backbone", "reward", "rewards", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["backbone", "reward", "rewards", "judges", "optimizer", "lr_scheduler"])
         self.backbone = backbone
         if (reward is None) == (rewards is None):
             raise RewardConfigError(
@@ -156,6 +159,12 @@ class IPGOModule(L.LightningModule):
                 "to replace a config's reward on the command line, add --model.reward null"
             )
         self.reward = reward if rewards is None else build_reward(rewards)
+        if not self.reward.differentiable:
+            raise RewardConfigError(
+                f"reward {self.reward.name!r} is not differentiable, so it cannot be optimised: use it to judge "
+                "(model.judges, or ipgo.evaluate --rewards) and optimise a differentiable reward"
+            )
+        self.judges = build_reward(judges) if judges else None
         self.mode = mode
         self.token_config = tokens
         self.layout = layout
@@ -202,8 +211,10 @@ class IPGOModule(L.LightningModule):
         budget = self.backbone.max_length - reserved
         check_prompt_lengths(all_prompts, self.backbone.token_lengths(all_prompts), budget, reserved, self.too_long)
         self.backbone.load()
-        self.reward.to(dtype=self.backbone.dtype)  # frozen weights follow the run's dtype
-        self.reward.load()
+        for reward in (self.reward, self.judges):
+            if reward is not None:
+                reward.to(dtype=self.backbone.dtype)  # frozen weights follow the run's dtype
+                reward.load()
         self.prompts = list(train_prompts)
         self.val_prompts = list(val_prompts)
         dim = self.backbone.hidden_size

@@ -51,6 +51,7 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
     prompts = (held_out or list(module.prompts))[: module.report_prompts]
     seeds = list(module.seeds.eval)
     rows, before_scores, after_scores = [], [], []
+    judged: dict[str, dict[str, list[float]]] = {}
     for start in range(0, len(prompts), 4):
         chunk = prompts[start : start + 4]
         before = module.render(chunk, seeds)
@@ -60,6 +61,11 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
         with torch.no_grad():
             before_scores += module.reward(before, repeated).view(len(chunk), -1).mean(1).tolist()
             after_scores += module.reward(after, repeated).view(len(chunk), -1).mean(1).tolist()
+            if module.judges is not None:
+                for when, images in (("before", before), ("after", after)):
+                    module.judges(images, repeated)
+                    for name, scores in module.judges.components.items():
+                        judged.setdefault(name, {"before": [], "after": []})[when] += scores.float().tolist()
         n = len(seeds)
         for i in range(len(chunk)):
             rows += [before[i * n : (i + 1) * n], after[i * n : (i + 1) * n]]
@@ -82,6 +88,10 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
     if prompts:
         summary["mean_before"] = sum(before_scores) / len(prompts)
         summary["mean_after"] = sum(after_scores) / len(prompts)
+    if judged:
+        summary["judges"] = {name: {"before": sum(v["before"]) / len(v["before"]),
+                                    "after": sum(v["after"]) / len(v["after"]), "images": len(v["after"])}
+                             for name, v in judged.items()}
     if module.best is not None and torch.isfinite(module.best.reward).all():
         summary["train"] = {
             "seeds": list(module.seeds.train),
@@ -115,6 +125,10 @@ def summary_markdown(summary: dict) -> str:
     if "mean_before" in summary:
         change = summary["mean_after"] - summary["mean_before"]
         lines.append(f"| **mean** | {summary['mean_before']:.4f} | {summary['mean_after']:.4f} | {change:+.4f} |")
+    for name, judge in summary.get("judges", {}).items():
+        change = judge["after"] - judge["before"]
+        lines += ["", f"Judge `{name}` (not optimised), mean over the same {judge['images']} renders: "
+                  f"before {judge['before']:.4f}, after {judge['after']:.4f} ({change:+.4f})."]
     if "train" in summary:
         train = summary["train"]
         lines += ["", f"Optimisation (training seeds {train['seeds']}, mean over prompts): reward at the first "

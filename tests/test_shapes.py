@@ -70,3 +70,52 @@ def test_training_smoke_run_gives_loadable_models(tmp_path):
     reward.load()
     assert reward(image[None], ["a blue square on the right"]).shape == (1,)
     assert auc([0.9, 0.8, 0.1], [True, True, False]) == 1.0 and auc([0.1, 0.9], [True, False]) == 0.0
+
+
+def test_oracle_judges_but_cannot_be_optimised():
+    from ipgo.errors import UserError
+    from ipgo.rewards import RewardSpec, ShapesOracle, build_reward
+
+    image = render(parse("a red circle on the left and a blue square on the right"))
+    oracle = ShapesOracle()
+    oracle.load()
+    texts = ["a red circle on the left and a blue square on the right", "a red square on the left",
+             "a red circle on the left and a blue triangle on the right"]
+    assert oracle(image.expand(3, -1, -1, -1), texts).tolist() == [1.0, 0.0, 0.0]
+    positions = ShapesOracle("positions")
+    positions.load()
+    assert positions(image.expand(3, -1, -1, -1), texts).tolist() == [1.0, 0.0, 1.0]
+    assert not build_reward([RewardSpec("shapes_oracle"), RewardSpec("clip_score", args={"model": "tiny:clip"})]
+                            ).differentiable
+    with pytest.raises(UserError, match="shapes-world captions only"):
+        oracle(image[None], ["a cat"])
+    with pytest.raises(UserError, match="32 x 32"):
+        oracle(torch.zeros(1, 3, 64, 64), texts[:1])
+
+
+def test_module_refuses_oracle_reward_and_reports_judges(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    import json
+
+    import lightning as L
+
+    from ipgo.backbones import StableDiffusion
+    from ipgo.data import PromptDataModule
+    from ipgo.module import IPGOModule, SeedConfig
+    from ipgo.rewards import ClipScore, RewardSpec, ShapesOracle
+    from ipgo.rewards.combine import RewardConfigError
+    from ipgo.sampling import SamplerConfig
+
+    with pytest.raises(RewardConfigError, match="not differentiable"):
+        IPGOModule(StableDiffusion(str(tiny_sd_dir)), ShapesOracle())
+    module = IPGOModule(
+        StableDiffusion(str(tiny_sd_dir)), ClipScore(str(tiny_clip_dir)),
+        sampler=SamplerConfig(scheduler="ddim", num_steps=2, grad_steps=1, height=32, width=32),
+        seeds=SeedConfig(train=[0], eval=[100, 101]), judges=[RewardSpec("shapes_oracle")], report_prompts=2,
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\na blue square on the right\n")
+    L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=str(tmp_path)).fit(module, PromptDataModule(str(prompts)))
+    judge = json.loads((tmp_path / "summary.json").read_text())["judges"]["shapes_oracle"]
+    assert judge["images"] == 4 and 0.0 <= judge["before"] <= 1.0 and 0.0 <= judge["after"] <= 1.0
+    assert "Judge `shapes_oracle`" in (tmp_path / "summary.md").read_text()

@@ -15,6 +15,7 @@ from ipgo.rewards.combine import (
 from ipgo.rewards.hps import HPSv2
 from ipgo.rewards.image_reward import ImageReward
 from ipgo.rewards.pickscore import PickScore
+from ipgo.rewards.shapes_oracle import ShapesOracle
 
 __all__ = [
     "REWARDS",
@@ -27,6 +28,7 @@ __all__ = [
     "Reward",
     "RewardSpec",
     "RewardTerm",
+    "ShapesOracle",
     "UnknownRewardError",
     "build_reward",
     "differentiable_preprocess",

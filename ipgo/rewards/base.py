@@ -38,6 +38,8 @@ class Reward(nn.Module):
     """Base class: subclasses set ``name`` and implement ``_load`` and ``_score``."""
 
     name: str = "reward"
+    differentiable: bool = True
+    """False for judges (e.g. an exact oracle) that can score but not be optimised."""
 
     def __init__(self) -> None:
         super().__init__()

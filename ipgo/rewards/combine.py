@@ -22,6 +22,7 @@ from ipgo.rewards.clip_score import ClipScore
 from ipgo.rewards.hps import HPSv2
 from ipgo.rewards.image_reward import ImageReward
 from ipgo.rewards.pickscore import PickScore
+from ipgo.rewards.shapes_oracle import ShapesOracle
 
 Normalize = Literal["none", "running", "fixed"]
 
@@ -31,6 +32,7 @@ REWARDS: dict[str, type[Reward]] = {
     "hpsv2": HPSv2,
     "pickscore": PickScore,
     "image_reward": ImageReward,
+    "shapes_oracle": ShapesOracle,
 }
 """Reward classes by the names configs use."""
 
@@ -48,7 +50,7 @@ class RewardSpec:
     """A reward chosen by name in a config, e.g. `{name: hpsv2, weight: 0.5, args: {checkpoint: HPS_v2.1.pt}}`."""
 
     name: str
-    """Registry name: clip_score, aesthetic, hpsv2, pickscore or image_reward."""
+    """Registry name: clip_score, aesthetic, hpsv2, pickscore, image_reward (or shapes_oracle, to judge only)."""
     weight: float = 1.0
     """Factor of this reward in the sum."""
     normalize: Normalize = "none"
@@ -176,6 +178,7 @@ class CombinedReward(Reward):
                 name, i = f"{term.reward.name}_{i}", i + 1
             self.names.append(name)
         self.stats = {name: RunningStats() for name in self.names}
+        self.differentiable = all(term.reward.differentiable for term in self.terms)
         self.components: dict[str, Tensor] = {}
 
     def _load(self) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -80,9 +81,24 @@ def train_decoder(vae: torch.nn.Module, captions: list[str], steps: int, seed: i
     return float(loss)
 
 
+def unet_loss_weights(noise_schedule: Any, t: Tensor, gamma: float) -> Tensor:
+    """Min-SNR-gamma weights for v-prediction, min(SNR, gamma) / (SNR + 1): less weight on nearly clean steps."""
+    alphas = noise_schedule.alphas_cumprod[t]
+    snr = alphas / (1 - alphas)
+    return snr.clamp(max=gamma) / (snr + 1)
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int = 50) -> float:
+    """Linear warm-up to `peak`, then cosine decay to zero at `steps`."""
+    if step <= warmup:
+        return peak * step / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
 def train(out: str, steps: int = 400, decoder_steps: int = 300, batch_size: int = 64, seed: int = 0,
-          lr: float = 1e-3) -> Path:
-    """Train the shapes model for `steps` UNet steps and save it as a diffusers folder."""
+          lr: float = 1e-3, ema_decay: float = 0.995, snr_gamma: float = 5.0,
+          unet: dict[str, Any] | None = None) -> Path:
+    """Train the shapes model for `steps` UNet steps and save it (EMA weights) as a diffusers folder."""
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -91,14 +107,15 @@ def train(out: str, steps: int = 400, decoder_steps: int = 300, batch_size: int 
     torch.manual_seed(seed)
     train_captions, _ = caption_split()
     tokenizer = clip_tokenizer()
-    vae, unet = AutoencoderKL(**VAE), UNet2DConditionModel(**UNET)
+    vae, model = AutoencoderKL(**VAE), UNet2DConditionModel(**(unet or UNET))
     text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT))
     started = time.time()
     decoder_error = train_decoder(vae, train_captions, decoder_steps, seed)
     print(f"decoder: mse {decoder_error:.5f} after {decoder_steps} steps ({time.time() - started:.0f} s)")
 
     noise_schedule = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "set_alpha_to_one"})
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(model.parameters()) + list(text_encoder.parameters())
+    averaged = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     generator, rng = torch.Generator().manual_seed(seed + 1), random.Random(seed + 1)
     ids_cache: dict[str, list[int]] = {}
@@ -115,23 +132,33 @@ def train(out: str, steps: int = 400, decoder_steps: int = 300, batch_size: int 
                 ids = tokenizer(text, truncation=True, max_length=77).input_ids
                 ids_cache[text] = ids + [tokenizer.pad_token_id] * (77 - len(ids))
         hidden = text_encoder(torch.tensor([ids_cache[x] for x in texts])).last_hidden_state
-        loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=hidden).sample, target)
+        errors = (model(noisy, t, encoder_hidden_states=hidden).sample - target).pow(2).mean(dim=(1, 2, 3))
+        loss = (errors * unet_loss_weights(noise_schedule, t, snr_gamma)).mean()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - decay)
+        losses.append(float(errors.mean()))
         if step % 50 == 0:
             print(f"step {step}: loss {sum(losses[-50:]) / 50:.4f} ({time.time() - started:.0f} s)", flush=True)
+    with torch.no_grad():
+        for p, a in zip(params, averaged):
+            p.copy_(a)
 
     scheduler = DDIMScheduler(**SCHEDULER, timestep_spacing="trailing")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=model,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     path = Path(out)
     pipe.save_pretrained(path)
-    record = {"seed": seed, "unet_steps": steps, "batch_size": batch_size, "lr": lr,
-              "decoder_steps": decoder_steps, "decoder_mse": decoder_error, "final_loss": sum(losses[-50:]) / 50,
+    record = {"seed": seed, "unet_steps": steps, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
+              "snr_gamma": snr_gamma, "decoder_steps": decoder_steps, "decoder_mse": decoder_error,
+              "final_loss": sum(losses[-50:]) / 50,
               "command": f"python -m ipgo.shapes.train --out {out} --steps {steps} --seed {seed}",
               "seconds": round(time.time() - started)}
     (path / "training.json").write_text(json.dumps(record, indent=2) + "\n")
