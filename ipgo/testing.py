@@ -307,6 +307,21 @@ class UnknownTinyModelError(UserError, ValueError):
     """A "tiny:..." name that is not one of the built-in tiny models."""
 
 
+SHAPES_WEIGHTS = Path(__file__).parent / "shapes" / "weights"
+"""The trained shapes-world models shipped in the package (`python -m ipgo.shapes.train` made them)."""
+
+
+def shapes_path(part: str) -> Path:
+    """The shipped shapes-world model `part` ("sd": the text-to-image pipeline, "clip": the reward's CLIP)."""
+    path = SHAPES_WEIGHTS / part
+    if not (path / ("model_index.json" if part == "sd" else "config.json")).is_file():
+        raise UnknownTinyModelError(
+            f"the shapes-world weights are missing from {path}: reinstall ipgo, or make them with "
+            f"`python -m ipgo.shapes.train --out {SHAPES_WEIGHTS}`"
+        )
+    return path
+
+
 TINY_SOURCES: dict[str, Callable[[], Path]] = {
     "tiny:sd1": tiny_sd_path,
     "tiny:sd2": tiny_sd2_path,
@@ -315,8 +330,11 @@ TINY_SOURCES: dict[str, Callable[[], Path]] = {
     "tiny:clip": tiny_clip_path,
     "tiny:aesthetic-head": tiny_aesthetic_head_path,
     "tiny:hps": tiny_hps_checkpoint_path,
+    "tiny:shapes-sd": lambda: shapes_path("sd"),
+    "tiny:shapes-clip": lambda: shapes_path("clip"),
 }
-"""Names that configs may use instead of a hub id or path: the tiny models above, built on first use."""
+"""Names that configs may use instead of a hub id or path: the random tiny models above, built on first
+use, and the trained shapes-world models shipped in the package."""
 
 
 def is_tiny(source: str | os.PathLike) -> bool:

@@ -12,7 +12,7 @@ from ipgo.cli import main, run
 ROOT = Path(__file__).parents[1]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml"))
 # the demo, made quick: 2 prompts, 3 sampling steps
-QUICK = ["--config", "configs/demo.yaml", "--data.limit", "2", "--model.sampler.num_steps", "3",
+QUICK = ["--config", "configs/tiny.yaml", "--data.limit", "2", "--model.sampler.num_steps", "3",
          "--model.report_prompts", "1", "--trainer.enable_progress_bar", "false"]
 
 

@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).parents[1]
-ARGS = ["--config", "configs/demo.yaml", "--data.limit", "3", "--data.batch_size", "1", "--model.sampler.num_steps",
+ARGS = ["--config", "configs/tiny.yaml", "--data.limit", "3", "--data.batch_size", "1", "--model.sampler.num_steps",
         "3", "--model.report_prompts", "1", "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false"]
 
 

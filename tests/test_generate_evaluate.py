@@ -24,7 +24,7 @@ def run(tmp_path_factory, ipgo_cache):
     patch = pytest.MonkeyPatch()
     patch.setenv("IPGO_CACHE", str(ipgo_cache))  # tiny:... models resolve into the test cache
     run_dir = tmp_path_factory.mktemp("run")
-    cli = fit(["--config", str(ROOT / "configs/demo.yaml"), "--data.prompts", str(ROOT / "configs/prompts/demo.txt"),
+    cli = fit(["--config", str(ROOT / "configs/tiny.yaml"), "--data.prompts", str(ROOT / "configs/prompts/tiny.txt"),
                "--data.limit", "2", "--model.sampler.num_steps", "3", "--model.report_prompts", "0",
                "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
                "--trainer.default_root_dir", str(run_dir)])

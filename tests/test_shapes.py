@@ -119,3 +119,90 @@ def test_module_refuses_oracle_reward_and_reports_judges(tiny_sd_dir, tiny_clip_
     judge = json.loads((tmp_path / "summary.json").read_text())["judges"]["shapes_oracle"]
     assert judge["images"] == 4 and 0.0 <= judge["before"] <= 1.0 and 0.0 <= judge["after"] <= 1.0
     assert "Judge `shapes_oracle`" in (tmp_path / "summary.md").read_text()
+
+
+def test_shipped_shapes_models_load_and_are_deterministic():
+    from diffusers import StableDiffusionPipeline
+
+    from ipgo.backbones import StableDiffusion
+    from ipgo.rewards import ClipScore
+    from ipgo.testing import resolve_source
+
+    path = resolve_source("tiny:shapes-sd")
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    text = "a red circle on the left and a blue square on the right"
+
+    def sample() -> torch.Tensor:
+        return pipe([text], generator=torch.Generator().manual_seed(0), height=32, width=32, num_inference_steps=20,
+                    guidance_scale=3.0, output_type="pt").images
+
+    first = sample()
+    assert first.shape == (1, 3, 32, 32) and torch.equal(first, sample())
+    backbone = StableDiffusion("tiny:shapes-sd")
+    backbone.load()
+    assert backbone.latent_shape(1, 32, 32) == (1, 12, 16, 16)
+    reward = ClipScore("tiny:shapes-clip")
+    reward.load()
+    image = render(parse(text))
+    scores = reward(image.expand(2, -1, -1, -1), [text, "a blue square on the left and a red circle on the right"])
+    assert scores[0] > scores[1] and torch.equal(scores, reward(image.expand(2, -1, -1, -1),
+                                                                [text, "a blue square on the left and a red "
+                                                                 "circle on the right"]))
+
+
+def test_oracle_agrees_with_hand_labels_on_generated_samples():
+    """50 samples of the shapes model, labelled by eye (tests/fixtures/shapes_hand_labels.json)."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    fixtures = Path(__file__).parent / "fixtures"
+    labels = json.loads((fixtures / "shapes_hand_labels.json").read_text())["samples"]
+    strip = torch.from_numpy(np.asarray(Image.open(fixtures / "shapes_hand_labels.png").convert("RGB")))
+    images = strip.permute(2, 0, 1).float().div(255).split(32, dim=2)
+    assert len(images) == len(labels) == 50
+    occupancy = colours = colour_calls = shapes = shape_calls = 0
+    for image, label in zip(images, labels):
+        seen = read(image)
+        for side in ("left", "right"):
+            truth = label[side]
+            occupancy += (truth is None) == (seen[side].colour is None)
+            if truth is None or seen[side].colour is None:
+                continue
+            if truth["colour"] != "unclear":
+                colour_calls += 1
+                colours += truth["colour"] == seen[side].colour
+            if truth["shape"] != "unclear":
+                shape_calls += 1
+                shapes += truth["shape"] == seen[side].shape
+    assert occupancy == 100 and colour_calls >= 80 and colours == colour_calls
+    # measured: 90 of 91 shape calls agree (docs/SHAPES.md); the thresholds were set on these samples
+    assert shape_calls >= 80 and shapes / shape_calls >= 0.95, (shapes, shape_calls)
+
+
+def test_prompt_wise_fit_on_the_shapes_world_raises_the_clip_reward(tmp_path):
+    import lightning as L
+
+    from ipgo.backbones import StableDiffusion
+    from ipgo.data import PromptDataModule
+    from ipgo.module import IPGOModule, SeedConfig
+    from ipgo.rewards import ClipScore
+    from ipgo.sampling import SamplerConfig
+    from ipgo.tokens import TokenConfig
+
+    module = IPGOModule(
+        StableDiffusion("tiny:shapes-sd"), ClipScore("tiny:shapes-clip"),
+        tokens=TokenConfig(n_prefix=4, n_suffix=4, rank=8),
+        sampler=SamplerConfig(scheduler="ddim", num_steps=10, grad_steps=2, guidance_scale=3.0, height=32, width=32),
+        seeds=SeedConfig(train=[0], eval=[1000]), optimizer=lambda params: torch.optim.Adam(params, lr=0.05),
+        report_prompts=0,
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red triangle on the left and a blue circle on the right\na yellow circle on the left\n")
+    L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=str(tmp_path)).fit(
+        module, PromptDataModule(str(prompts), batch_size=2))
+    assert (module.best.reward > module.best.first + 0.01).all(), (module.best.first, module.best.reward)

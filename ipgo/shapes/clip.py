@@ -24,8 +24,6 @@ from ipgo.shapes.world import COLOURS, SHAPES, Item, caption, caption_split, par
 
 VISION = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
               intermediate_size=128)
-TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=49408,
-            max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 PROCESSOR = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
@@ -53,17 +51,22 @@ def oracle_caption(image: Tensor) -> str | None:
 
 
 def train_clip(out: str | Path, generated: Sequence[Tensor] = (), steps: int = 600, batch_size: int = 64,
-               seed: int = 0, lr: float = 1e-3) -> Path:
-    """Train the shapes CLIP and save it (model, image processor, tokenizer) into `out`."""
+               seed: int = 0, lr: float = 1e-3, start: str | Path | None = None) -> Path:
+    """Train the shapes CLIP (from scratch, or on from the CLIP saved in `start`) and save it into `out`
+    with its image processor and tokenizer."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from ipgo.rewards.base import differentiable_preprocess
-    from ipgo.testing import clip_tokenizer
+    from ipgo.shapes.train import learning_rate
+    from ipgo.shapes.vocab import shapes_tokenizer, text_config
 
     torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=64))
+    if start is None:
+        model = CLIPModel(CLIPConfig(text_config=text_config(), vision_config=VISION, projection_dim=64))
+    else:
+        model = CLIPModel.from_pretrained(start)
     processor = CLIPImageProcessor(**PROCESSOR)
-    tokenizer = clip_tokenizer()
+    tokenizer = shapes_tokenizer()
     train_captions, _ = caption_split()
     pool = [(image, text) for image in generated if (text := oracle_caption(image)) is not None]
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
@@ -96,6 +99,8 @@ def train_clip(out: str | Path, generated: Sequence[Tensor] = (), steps: int = 6
         hard_logits = scale * torch.einsum("bd,bkd->bk", image_features, torch.cat([positives[:, None], hard], 1))
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2 + F.cross_entropy(
             hard_logits, torch.zeros(len(captions), dtype=torch.long))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
