@@ -6,13 +6,14 @@ and `ipgo.backbones.StableDiffusion` load it like any checkpoint:
 - latents: the image folded 2 x 2 into channels (pixel_unshuffle: 3 x 32 x 32 -> 12 x 16 x 16), an
   exact invertible map that made the UNet ~4x faster than 32 x 32 in the prototype; the
   `AutoencoderKL` decoder is trained to invert it, so the pipeline decodes as usual;
-- UNet2DConditionModel on 12 x 16 x 16 latents and a small CLIPTextModel, trained together with
-  v-prediction (which trained far better than epsilon-prediction in minutes) and 10% empty captions
-  for classifier-free guidance;
+- UNet2DConditionModel on 12 x 16 x 16 latents and a small CLIPTextModel (started from the text
+  tower of a CLIP first trained on rendered scenes, as SD starts from CLIP's), trained together
+  with v-prediction, min-SNR weights, EMA and 10% empty captions for classifier-free guidance;
 - only captions of the training split (`ipgo.shapes.caption_split`) are seen.
 
-Then the model is sampled on training captions, a CLIP reward is trained on rendered and
-generated images (`ipgo.shapes.clip`), and the targets are measured on held-out captions:
+Then the model is sampled on training captions, the CLIP reward is trained on from that first
+CLIP with rendered and generated images (`ipgo.shapes.clip`), and the targets are measured on
+held-out captions (`--measure` re-measures saved models):
 oracle accuracy at guidance 1, 2, 3, 5 and the CLIP reward's AUC at telling oracle-correct
 from incorrect generated images (`metrics.json`).
 
