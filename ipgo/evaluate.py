@@ -1,7 +1,7 @@
 """`python -m ipgo.evaluate`: score methods against the raw prompt on held-out seeds, with any rewards.
 
     python -m ipgo.evaluate --methods '[ipgo=runs/demo]' --seeds 1000-1003 \\
-        --rewards '[{name: clip_score, args: {model: tiny:clip}}]' --out eval/
+        --rewards '[{name: clip_score, args: {model: tiny:shapes-clip}}, {name: shapes_oracle}]' --out eval/
 
 Every method renders the same prompts on the same seeds through the family's diffusers
 pipeline (`ipgo.generate`). Seeds a method was optimised on are refused (or, when allowed,

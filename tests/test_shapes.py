@@ -53,7 +53,8 @@ def test_training_smoke_run_gives_loadable_models(tmp_path):
     from ipgo.backbones import StableDiffusion
     from ipgo.rewards import ClipScore
     from ipgo.shapes.clip import oracle_caption, train_clip
-    from ipgo.shapes.train import auc, to_latents, train
+    from ipgo.shapes.measure import auc
+    from ipgo.shapes.train import to_latents, train
 
     path = train(str(tmp_path / "sd"), steps=2, decoder_steps=2, batch_size=4)
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)

@@ -27,7 +27,6 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,26 +174,6 @@ def train(out: str, steps: int = 1500, decoder_steps: int = 600, batch_size: int
     return path
 
 
-def auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
-    """Area under the ROC curve: the chance that a positive scores above a negative (ties count half)."""
-    positives = [s for s, y in zip(scores, labels) if y]
-    negatives = [s for s, y in zip(scores, labels) if not y]
-    if not positives or not negatives:
-        return float("nan")
-    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
-    return wins / (len(positives) * len(negatives))
-
-
-@torch.no_grad()
-def sample(pipe: Any, captions: Sequence[str], seeds: Sequence[int], guidance_scale: float, steps: int = 20) -> Tensor:
-    """Images (len(captions) * len(seeds), 3, 32, 32), caption-major."""
-    return torch.cat([
-        pipe([c] * len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds], height=32, width=32,
-             num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt").images.float()
-        for c in captions
-    ])
-
-
 def build(out: str, steps: int = 1500, clip_steps: int = 600, text_steps: int = 300, seed: int = 0) -> dict[str, Any]:
     """Train the CLIP text tower, the text-to-image model from it, then the CLIP reward on rendered and
     generated images; measure the targets of issue 7 into `metrics.json`.
@@ -210,6 +189,7 @@ def build(out: str, steps: int = 1500, clip_steps: int = 600, text_steps: int = 
     from diffusers import StableDiffusionPipeline
 
     from ipgo.shapes.clip import train_clip
+    from ipgo.shapes.measure import sample
 
     root = Path(out)
     seconds: dict[str, float] = {}
@@ -239,41 +219,9 @@ def build(out: str, steps: int = 1500, clip_steps: int = 600, text_steps: int = 
 
     (root / "build.json").write_text(json.dumps(build_record, indent=2) + "\n")
     print(json.dumps(build_record, indent=2))
+    from ipgo.shapes.measure import measure
+
     return measure(out)
-
-
-def measure(out: str) -> dict[str, Any]:
-    """Measure the targets of issue 7 on the models in `out` (sd/, clip/) into `out`/metrics.json:
-    oracle accuracy on the held-out captions at guidance 1, 2, 3, 5 (DDIM 20 steps, 4 seeds), and the
-    CLIP reward's AUC at telling oracle-correct from incorrect generated held-out samples."""
-    from diffusers import StableDiffusionPipeline
-
-    from ipgo.rewards import ClipScore
-    from ipgo.shapes.measure import oracle_accuracy
-    from ipgo.shapes.world import score
-
-    root = Path(out)
-    pipe = StableDiffusionPipeline.from_pretrained(root / "sd", safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    _, held_out = caption_split()
-    eval_seeds = [20_000, 20_001, 20_002, 20_003]
-    metrics: dict[str, Any] = {"held_out_captions": len(held_out), "seeds": eval_seeds, "sampler": "DDIM 20 steps",
-                               "accuracy": {}}
-    for guidance in (1.0, 2.0, 3.0, 5.0):
-        metrics["accuracy"][str(guidance)] = oracle_accuracy(pipe, held_out, eval_seeds, guidance)
-    images = sample(pipe, held_out, eval_seeds, guidance_scale=GUIDANCE)
-    texts = [c for c in held_out for _ in eval_seeds]
-    reward = ClipScore(str(root / "clip"))
-    reward.load()
-    with torch.no_grad():
-        clip_scores = reward(images, texts).tolist()
-    correct = [score(image, text).all_correct == 1.0 for image, text in zip(images, texts)]
-    metrics["default_guidance"] = GUIDANCE
-    metrics["clip_auc_generated_held_out"] = auc(clip_scores, correct)
-    metrics["generated_correct_at_default_guidance"] = sum(correct) / len(correct)
-    (root / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
-    return metrics
 
 
 def main() -> None:
@@ -286,6 +234,8 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true", help="only measure the models already in --out")
     args = parser.parse_args()
     if args.measure:
+        from ipgo.shapes.measure import measure
+
         measure(args.out)
     else:
         build(args.out, args.steps, args.clip_steps, args.text_steps, args.seed)
