@@ -16,6 +16,7 @@ trajectory; their stored history from the first T - K steps holds no graph.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,6 +44,10 @@ SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 
 
+def _zero_snr_capable(cls: type) -> bool:
+    return "rescale_betas_zero_snr" in inspect.signature(cls).parameters
+
+
 def make_scheduler(name: str, config: dict[str, Any]) -> Any:
     """A fresh diffusers scheduler of kind `name` built from a model's scheduler config."""
     try:
@@ -54,6 +59,11 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
         kind = "a flow-matching model (SD 3): use scheduler flow_euler" if flow_model else (
             "a diffusion model: flow_euler is for flow-matching models (SD 3)")
         raise ValueError(f"scheduler {name!r} does not fit {kind}")
+    if config.get("rescale_betas_zero_snr") and not _zero_snr_capable(cls):
+        # it would silently sample a noise schedule the model was not trained on
+        fitting = ", ".join(n for n, (c, _) in SCHEDULERS.items() if _zero_snr_capable(c))
+        raise ValueError(f"scheduler {name!r} cannot sample this zero-terminal-SNR model (rescale_betas_zero_snr); "
+                         f"choose one of {fitting}")
     return cls.from_config(config, **overrides)
 
 

@@ -87,6 +87,10 @@ def test_config_errors():
         make_scheduler("lms", {"_class_name": "FlowMatchEulerDiscreteScheduler"})
     with pytest.raises(ValueError, match="flow_euler is for flow-matching models"):
         make_scheduler("flow_euler", {"_class_name": "PNDMScheduler"})
+    with pytest.raises(ValueError, match="zero-terminal-SNR.*ddim"):
+        make_scheduler("lms", {"_class_name": "DDIMScheduler", "rescale_betas_zero_snr": True})
+    zero_snr = make_scheduler("ddim", {"_class_name": "DDIMScheduler", "rescale_betas_zero_snr": True})
+    assert zero_snr.alphas_cumprod[-1] < 1e-6
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(tiny_sd_dir, tiny_backbone):

@@ -152,8 +152,8 @@ def test_shipped_shapes_models_load_and_are_deterministic():
                                                                  "circle on the right"]))
 
 
-def test_oracle_agrees_with_hand_labels_on_generated_samples():
-    """50 samples of the shapes model, labelled by eye (tests/fixtures/shapes_hand_labels.json)."""
+def _hand_label_agreement(name: str) -> dict[str, tuple[int, int]]:
+    """(agreeing, called) per aspect between the oracle and the hand labels of fixtures/`name`.{json,png}."""
     import json
     from pathlib import Path
 
@@ -161,27 +161,37 @@ def test_oracle_agrees_with_hand_labels_on_generated_samples():
     from PIL import Image
 
     fixtures = Path(__file__).parent / "fixtures"
-    labels = json.loads((fixtures / "shapes_hand_labels.json").read_text())["samples"]
-    strip = torch.from_numpy(np.asarray(Image.open(fixtures / "shapes_hand_labels.png").convert("RGB")))
+    labels = json.loads((fixtures / f"{name}.json").read_text())["samples"]
+    strip = torch.from_numpy(np.asarray(Image.open(fixtures / f"{name}.png").convert("RGB")))
     images = strip.permute(2, 0, 1).float().div(255).split(32, dim=2)
     assert len(images) == len(labels) == 50
-    occupancy = colours = colour_calls = shapes = shape_calls = 0
+    counts = {"occupancy": [0, 0], "colour": [0, 0], "shape": [0, 0]}
     for image, label in zip(images, labels):
         seen = read(image)
         for side in ("left", "right"):
             truth = label[side]
-            occupancy += (truth is None) == (seen[side].colour is None)
+            counts["occupancy"][0] += (truth is None) == (seen[side].colour is None)
+            counts["occupancy"][1] += 1
             if truth is None or seen[side].colour is None:
                 continue
-            if truth["colour"] != "unclear":
-                colour_calls += 1
-                colours += truth["colour"] == seen[side].colour
-            if truth["shape"] != "unclear":
-                shape_calls += 1
-                shapes += truth["shape"] == seen[side].shape
-    assert occupancy == 100 and colour_calls >= 80 and colours == colour_calls
-    # measured: 90 of 91 shape calls agree (docs/SHAPES.md); the thresholds were set on these samples
-    assert shape_calls >= 80 and shapes / shape_calls >= 0.95, (shapes, shape_calls)
+            for aspect, called in (("colour", seen[side].colour), ("shape", seen[side].shape)):
+                if truth[aspect] != "unclear":
+                    counts[aspect][0] += truth[aspect] == called
+                    counts[aspect][1] += 1
+    return {aspect: (agree, total) for aspect, (agree, total) in counts.items()}
+
+
+def test_oracle_agrees_with_hand_labels_on_generated_samples():
+    """50 samples of the first shipped model (the oracle's shape thresholds were set on them), and 50 of
+    the current one (out of sample), each labelled by eye before the oracle was run (docs/SHAPES.md)."""
+    first = _hand_label_agreement("shapes_hand_labels")
+    assert first["occupancy"] == (100, 100) and first["colour"][1] >= 80 and first["colour"][0] == first["colour"][1]
+    agree, called = first["shape"]  # measured 90 / 91
+    assert called >= 80 and agree / called >= 0.95, first
+    current = _hand_label_agreement("shapes_hand_labels_2")
+    assert current["occupancy"] == (100, 100) and current["colour"][0] == current["colour"][1] >= 80, current
+    agree, called = current["shape"]  # measured 66 / 82: the oracle calls 15 soft squares circles
+    assert called >= 70 and agree / called >= 0.75, current
 
 
 def test_prompt_wise_fit_on_the_shapes_world_raises_the_clip_reward(tmp_path):
@@ -202,8 +212,9 @@ def test_prompt_wise_fit_on_the_shapes_world_raises_the_clip_reward(tmp_path):
         report_prompts=0,
     )
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red triangle on the left and a blue circle on the right\na yellow circle on the left\n")
-    L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    prompts.write_text("a blue circle on the left and a red circle on the right\n"
+                       "a green circle on the left and a blue triangle on the right\n")  # low rewards at seed 0
+    L.Trainer(max_epochs=12, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, default_root_dir=str(tmp_path)).fit(
         module, PromptDataModule(str(prompts), batch_size=2))
     assert (module.best.reward > module.best.first + 0.01).all(), (module.best.first, module.best.reward)

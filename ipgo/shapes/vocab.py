@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 WORDS = ("a", "and", "on", "the", *SIDES, *COLOURS, *SHAPES)
 BYTE_SYMBOLS = 512  # CLIP's first 512 tokens: 256 byte symbols, then the same with "</w>"
+MAX_TOKENS = 77
 
 
 @functools.cache
@@ -54,12 +55,12 @@ def shapes_tokenizer() -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
     vocab, merges = _vocabulary()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=MAX_TOKENS)
 
 
 def text_config() -> dict[str, Any]:
     """The shapes text encoders' config (`CLIPTextConfig` arguments): 32 wide, 2 layers, this vocabulary."""
     vocab, _ = _vocabulary()
     return dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                vocab_size=len(vocab), max_position_embeddings=MAX_TOKENS, bos_token_id=vocab["<|startoftext|>"],
                 eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
