@@ -176,7 +176,6 @@ def train(out: str, steps: int = 800, decoder_steps: int = 600, batch_size: int 
               "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
               "snr_gamma": snr_gamma, "decoder_steps": decoder_steps, "decoder_mse": decoder_error,
               "final_loss": sum(losses[-50:]) / 50,
-              "command": f"python -m ipgo.shapes.train --out {out} --steps {steps} --seed {seed}",
               "seconds": round(time.time() - started)}
     (path / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record))
