@@ -162,7 +162,7 @@ def _hand_label_agreement(name: str) -> dict[str, tuple[int, int]]:
 
     fixtures = Path(__file__).parent / "fixtures"
     labels = json.loads((fixtures / f"{name}.json").read_text())["samples"]
-    strip = torch.from_numpy(np.asarray(Image.open(fixtures / f"{name}.png").convert("RGB")))
+    strip = torch.from_numpy(np.array(Image.open(fixtures / f"{name}.png").convert("RGB")))
     images = strip.permute(2, 0, 1).float().div(255).split(32, dim=2)
     assert len(images) == len(labels) == 50
     counts = {"occupancy": [0, 0], "colour": [0, 0], "shape": [0, 0]}
@@ -182,16 +182,21 @@ def _hand_label_agreement(name: str) -> dict[str, tuple[int, int]]:
 
 
 def test_oracle_agrees_with_hand_labels_on_generated_samples():
-    """50 samples of the first shipped model (the oracle's shape thresholds were set on them), and 50 of
-    the current one (out of sample), each labelled by eye before the oracle was run (docs/SHAPES.md)."""
+    """Three sets of 50 generated samples, each labelled by eye before the oracle was run on them: the
+    first model's (shapes_hand_labels) and two of the current one's. The shape rule was chosen on the
+    first two; the third was labelled after it and is out of sample (docs/SHAPES.md)."""
     first = _hand_label_agreement("shapes_hand_labels")
     assert first["occupancy"] == (100, 100) and first["colour"][1] >= 80 and first["colour"][0] == first["colour"][1]
-    agree, called = first["shape"]  # measured 90 / 91
+    agree, called = first["shape"]  # measured 89 / 91
     assert called >= 80 and agree / called >= 0.95, first
-    current = _hand_label_agreement("shapes_hand_labels_2")
-    assert current["occupancy"] == (100, 100) and current["colour"][0] == current["colour"][1] >= 80, current
-    agree, called = current["shape"]  # measured 66 / 82: the oracle calls 15 soft squares circles
-    assert called >= 70 and agree / called >= 0.75, current
+    second = _hand_label_agreement("shapes_hand_labels_2")
+    assert second["occupancy"] == (100, 100) and second["colour"][0] == second["colour"][1] >= 80, second
+    agree, called = second["shape"]  # measured 76 / 82
+    assert called >= 70 and agree / called >= 0.9, second
+    third = _hand_label_agreement("shapes_hand_labels_3")
+    assert third["occupancy"] == (100, 100) and third["colour"][0] == third["colour"][1] >= 80, third
+    agree, called = third["shape"]  # measured 67 / 82: 12 of the 15 misses are soft squares called circles
+    assert called >= 70 and agree / called >= 0.8, third
 
 
 def test_prompt_wise_fit_on_the_shapes_world_raises_the_clip_reward(tmp_path):
