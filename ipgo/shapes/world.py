@@ -124,7 +124,7 @@ def _shape_of(box: Tensor) -> str:
     hand-labelled sets of generated samples and checked on a third labelled after it
     (tests/fixtures/shapes_hand_labels*.json, docs/SHAPES.md).
     """
-    height, width = box.shape
+    height = box.shape[0]
     k = max(1, height // 3)
     middle = box[(height - k) // 2 : (height - k) // 2 + k].mean()
     if middle < 0.8:
