@@ -206,6 +206,7 @@ def build(out: str, steps: int = 800, clip_steps: int = 600, text_steps: int = 3
     seconds["clip_text"] = time.time() - started
     done = root / "sd" / "training.json"
     record = json.loads(done.read_text()) if done.is_file() else {}
+    # through JSON so that tuples compare equal to the lists that training.json holds
     same = json.loads(json.dumps({"unet_steps": steps, "seed": seed, "unet": UNET, "scheduler": SCHEDULER}))
     if any(record.get(key) != value for key, value in same.items()):
         train(str(root / "sd"), steps=steps, seed=seed, text_encoder_from=text_clip)
