@@ -26,7 +26,14 @@ def test_captions_and_split():
     assert len(scenes) == 168 and len({caption(s) for s in scenes}) == 168
     assert all(parse(caption(s)) == s for s in scenes)
     train, held_out = caption_split()
-    assert len(held_out) == 34 and not set(train) & set(held_out) and caption_split() == (train, held_out)
+    assert len(train) + len(held_out) == 168 and not set(train) & set(held_out) and caption_split() == (train, held_out)
+    # held out: exactly the two-shape captions with a red circle, a green square or a blue triangle, which
+    # training shows only alone
+    unpaired = {("red", "circle"), ("green", "square"), ("blue", "triangle")}
+    assert held_out == sorted(c for c in map(caption, scenes)
+                              if len(p := parse(c)) == 2 and {(i.colour, i.shape) for i in p} & unpaired)
+    assert len(held_out) == 63 and "a red circle on the left and a red square on the right" in held_out
+    assert "a red circle on the left" in train and "a blue triangle on the right" in train
     for bad in ("a purple circle on the left", "a red circle on the left and a red square on the left", "a cat"):
         with pytest.raises(ValueError):
             parse(bad)
@@ -38,12 +45,26 @@ def test_hard_negatives_differ_in_one_aspect():
     from ipgo.shapes.clip import hard_negatives
 
     rng = random.Random(0)
-    for text in ("a red circle on the left", "a red circle on the left and a blue square on the right",
-                 "a red circle on the left and a red circle on the right"):
-        negatives = hard_negatives(text, rng)
+    train, held_out = caption_split()
+    for text in train:
+        negatives = hard_negatives(text, rng, set(train))
         assert len(negatives) == 3 and text not in negatives and len(set(negatives)) == 3
-        assert all(parse(n) for n in negatives)
-    assert hard_negatives("a red circle on the left", rng)[0] == "a red circle on the right"  # the swap
+        # one aspect changed: one side's colour or shape, or the two sides swapped
+        differences = {sum(a != b for a, b in zip(parse(text), parse(n))) for n in negatives}
+        assert differences <= {1, 2} and not set(negatives) & set(held_out)  # held-out captions never trained on
+    assert hard_negatives("a red square on the left", rng, set(train))[0] == "a red square on the right"  # the swap
+    # a change that would make a held-out caption is not offered
+    text = "a red square on the left and a yellow square on the right"
+    assert "a red circle on the left and a yellow square on the right" not in {
+        n for _ in range(50) for n in hard_negatives(text, rng, set(train))}
+
+
+def test_generated_samples_read_as_held_out_captions_stay_out_of_clip_training():
+    from ipgo.shapes.clip import oracle_pairs
+
+    train, held_out = caption_split()
+    images = [render(parse(train[0])), render(parse(held_out[0])), torch.zeros(3, 32, 32)]
+    assert [text for _, text in oracle_pairs(images, set(train))] == [train[0]]
 
 
 @pytest.mark.slow
@@ -217,8 +238,8 @@ def test_prompt_wise_fit_on_the_shapes_world_raises_the_clip_reward(tmp_path):
         report_prompts=0,
     )
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a blue circle on the left and a red circle on the right\n"
-                       "a green circle on the left and a blue triangle on the right\n")  # low rewards at seed 0
+    prompts.write_text("a green square on the left and a yellow triangle on the right\n"
+                       "a green square on the left and a yellow circle on the right\n")  # lowest rewards at seed 0
     L.Trainer(max_epochs=12, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, default_root_dir=str(tmp_path)).fit(
         module, PromptDataModule(str(prompts), batch_size=2))

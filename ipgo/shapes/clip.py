@@ -13,7 +13,7 @@ A transformers `CLIPModel` (saved with its image processor and the CLIP tokenize
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -27,8 +27,9 @@ VISION = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=4, 
 PROCESSOR = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
-def hard_negatives(text: str, rng: random.Random, count: int = 3) -> list[str]:
-    """Captions that differ from `text` in one aspect: sides swapped, one shape or one colour changed."""
+def hard_negatives(text: str, rng: random.Random, allowed: Collection[str], count: int = 3) -> list[str]:
+    """Captions out of `allowed` that differ from `text` in one aspect: sides swapped, one shape or one
+    colour changed."""
     scene = parse(text)
     swap = caption(tuple(Item(i.colour, i.shape, "right" if i.side == "left" else "left") for i in scene))
     shape_changes, colour_changes = [], []
@@ -38,8 +39,10 @@ def hard_negatives(text: str, rng: random.Random, count: int = 3) -> list[str]:
 
         shape_changes += [changed(Item(item.colour, s, item.side)) for s in SHAPES if s != item.shape]
         colour_changes += [changed(Item(c, item.shape, item.side)) for c in COLOURS if c != item.colour]
+    shape_changes = [t for t in shape_changes if t in allowed]
+    colour_changes = [t for t in colour_changes if t in allowed]
     # the swap (unless symmetric) and a shape change, the hardest aspect, always; then random others
-    chosen = ([swap] if swap != text else []) + [rng.choice(shape_changes)]
+    chosen = ([swap] if swap != text and swap in allowed else []) + [rng.choice(shape_changes)]
     rest = [o for o in dict.fromkeys(shape_changes + colour_changes) if o not in chosen]
     return chosen + rng.sample(rest, count - len(chosen))
 
@@ -48,6 +51,12 @@ def oracle_caption(image: Tensor) -> str | None:
     """The caption of what the oracle reads in an image, or None for an empty image."""
     items = tuple(Item(r.colour, r.shape, side) for side, r in read(image).items() if r.colour is not None)
     return caption(items) if items else None
+
+
+def oracle_pairs(generated: Sequence[Tensor], allowed: Collection[str]) -> list[tuple[Tensor, str]]:
+    """Generated images with the caption the oracle reads in them, kept only where that caption is in
+    `allowed` (a sample read as a held-out caption stays out: held-out captions are never trained on)."""
+    return [(image, text) for image in generated if (text := oracle_caption(image)) in allowed]
 
 
 def train_clip(out: str | Path, generated: Sequence[Tensor] = (), steps: int = 600, batch_size: int = 64,
@@ -68,7 +77,8 @@ def train_clip(out: str | Path, generated: Sequence[Tensor] = (), steps: int = 6
     processor = CLIPImageProcessor(**PROCESSOR)
     tokenizer = shapes_tokenizer()
     train_captions, _ = caption_split()
-    pool = [(image, text) for image in generated if (text := oracle_caption(image)) is not None]
+    allowed = set(train_captions)
+    pool = oracle_pairs(generated, allowed)
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     mean, std = processor.image_mean, processor.image_std
@@ -86,7 +96,7 @@ def train_clip(out: str | Path, generated: Sequence[Tensor] = (), steps: int = 6
         captions = [p[1] for p in pairs]
         pixels = differentiable_preprocess(images, 32, mean, std)
         image_features = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
-        negatives = [hard_negatives(c, rng) for c in captions]
+        negatives = [hard_negatives(c, rng, allowed) for c in captions]
         text_features = encode_text(captions + [n for group in negatives for n in group])
         scale = model.logit_scale.exp()
         positives = text_features[: len(captions)]

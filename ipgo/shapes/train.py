@@ -104,7 +104,7 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int = 50) -> float
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def train(out: str, steps: int = 800, decoder_steps: int = 600, batch_size: int = 32, seed: int = 0,
+def train(out: str, steps: int = 1200, decoder_steps: int = 300, batch_size: int = 32, seed: int = 0,
           lr: float = 1e-3, ema_decay: float = 0.995, snr_gamma: float = 5.0,
           unet: dict[str, Any] | None = None, text_encoder_from: str | Path | None = None) -> Path:
     """Train the shapes model for `steps` UNet steps and save it (EMA weights) as a diffusers folder.
@@ -182,7 +182,7 @@ def train(out: str, steps: int = 800, decoder_steps: int = 600, batch_size: int 
     return path
 
 
-def build(out: str, steps: int = 800, clip_steps: int = 600, text_steps: int = 300, seed: int = 0) -> dict[str, Any]:
+def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 300, seed: int = 0) -> dict[str, Any]:
     """Train the CLIP text tower, the text-to-image model from it, then the CLIP reward on rendered and
     generated images; measure the targets of issue 7 into `metrics.json`.
 
@@ -235,7 +235,7 @@ def build(out: str, steps: int = 800, clip_steps: int = 600, text_steps: int = 3
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train the shapes-world text-to-image model and CLIP on the CPU.")
     parser.add_argument("--out", default="shapes-world", help="output folder: sd/, clip/, metrics.json")
-    parser.add_argument("--steps", type=int, default=800, help="UNet + text encoder training steps")
+    parser.add_argument("--steps", type=int, default=1200, help="UNet + text encoder training steps")
     parser.add_argument("--clip-steps", type=int, default=600, help="CLIP reward training steps")
     parser.add_argument("--text-steps", type=int, default=300, help="CLIP steps that make the text encoder's start")
     parser.add_argument("--seed", type=int, default=0)
