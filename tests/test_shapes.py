@@ -78,6 +78,10 @@ def test_training_smoke_run_gives_loadable_models(tmp_path):
     from ipgo.shapes.train import to_latents, train
 
     path = train(str(tmp_path / "sd"), steps=2, decoder_steps=2, batch_size=4)
+    import json
+
+    # the split is recorded, so that build() keeps a finished model only for the same held-out captions
+    assert json.loads((path / "training.json").read_text())["held_out"] == caption_split()[1]
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
     images = pipe(["a red circle on the left"], num_inference_steps=2, height=32, width=32, output_type="pt").images
     assert images.shape == (1, 3, 32, 32)

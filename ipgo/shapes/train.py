@@ -117,7 +117,7 @@ def train(out: str, steps: int = 1200, decoder_steps: int = 300, batch_size: int
     from ipgo.shapes.vocab import shapes_tokenizer, text_config
 
     torch.manual_seed(seed)
-    train_captions, _ = caption_split()
+    train_captions, held_out = caption_split()
     tokenizer = shapes_tokenizer()
     vae, model = AutoencoderKL(**VAE), UNet2DConditionModel(**(unet or UNET))
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config()))  # the shapes CLIP's text tower shape
@@ -172,7 +172,7 @@ def train(out: str, steps: int = 1200, decoder_steps: int = 300, batch_size: int
                                    requires_safety_checker=False)
     path = Path(out)
     pipe.save_pretrained(path)
-    record = {"seed": seed, "unet_steps": steps, "unet": unet or UNET, "scheduler": SCHEDULER,
+    record = {"seed": seed, "unet_steps": steps, "unet": unet or UNET, "scheduler": SCHEDULER, "held_out": held_out,
               "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
               "snr_gamma": snr_gamma, "decoder_steps": decoder_steps, "decoder_mse": decoder_error,
               "final_loss": sum(losses[-50:]) / 50,
@@ -190,7 +190,7 @@ def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 
     (2) the text-to-image model (`steps`); (3) the CLIP reward (`clip_steps`), on from (1), with the
     model's samples of training captions in the mix. Leaves sd/ and clip/ (the shipped models),
     build.json (command, seconds per stage) and metrics.json in `out`. A finished sd/ stage of the
-    same steps, seed, UNet and schedule is kept.
+    same steps, seed, UNet, schedule and held-out split is kept.
     """
     import shutil
 
@@ -207,7 +207,8 @@ def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 
     done = root / "sd" / "training.json"
     record = json.loads(done.read_text()) if done.is_file() else {}
     # through JSON so that tuples compare equal to the lists that training.json holds
-    same = json.loads(json.dumps({"unet_steps": steps, "seed": seed, "unet": UNET, "scheduler": SCHEDULER}))
+    same = json.loads(json.dumps({"unet_steps": steps, "seed": seed, "unet": UNET, "scheduler": SCHEDULER,
+                                  "held_out": caption_split()[1]}))
     if any(record.get(key) != value for key, value in same.items()):
         train(str(root / "sd"), steps=steps, seed=seed, text_encoder_from=text_clip)
         seconds["sd"] = time.time() - started - sum(seconds.values())
