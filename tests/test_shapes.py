@@ -208,7 +208,7 @@ def _hand_label_agreement(name: str) -> dict[str, tuple[int, int]]:
 
 def test_oracle_agrees_with_hand_labels_on_generated_samples():
     """Four sets of 50 generated samples, each labelled by eye before the oracle was run on them: the
-    first model's (shapes_hand_labels), two of the third session's, and the shipped model's held-out samples
+    first model's (shapes_hand_labels), two of a later model's, and the shipped model's held-out samples
     that the CLIP AUC is measured on (shapes_hand_labels_4). The shape rule was chosen on the first two;
     the third and fourth were labelled after it and are out of sample (docs/SHAPES.md)."""
     first = _hand_label_agreement("shapes_hand_labels")
