@@ -69,6 +69,8 @@ def test_generated_samples_read_as_held_out_captions_stay_out_of_clip_training()
 
 @pytest.mark.slow
 def test_training_smoke_run_gives_loadable_models(tmp_path):
+    import json
+
     from diffusers import StableDiffusionPipeline
 
     from ipgo.backbones import StableDiffusion
@@ -78,8 +80,6 @@ def test_training_smoke_run_gives_loadable_models(tmp_path):
     from ipgo.shapes.train import to_latents, train
 
     path = train(str(tmp_path / "sd"), steps=2, decoder_steps=2, batch_size=4)
-    import json
-
     # the split is recorded, so that build() keeps a finished model only for the same held-out captions
     assert json.loads((path / "training.json").read_text())["held_out"] == caption_split()[1]
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)

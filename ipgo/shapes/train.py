@@ -200,6 +200,7 @@ def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 
     from ipgo.shapes.measure import sample
 
     root = Path(out)
+    train_captions, held_out = caption_split()
     seconds: dict[str, float] = {}
     started = time.time()
     text_clip = train_clip(root / "clip-text", steps=text_steps, seed=seed)
@@ -208,7 +209,7 @@ def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 
     record = json.loads(done.read_text()) if done.is_file() else {}
     # through JSON so that tuples compare equal to the lists that training.json holds
     same = json.loads(json.dumps({"unet_steps": steps, "seed": seed, "unet": UNET, "scheduler": SCHEDULER,
-                                  "held_out": caption_split()[1]}))
+                                  "held_out": held_out}))
     if any(record.get(key) != value for key, value in same.items()):
         train(str(root / "sd"), steps=steps, seed=seed, text_encoder_from=text_clip)
         seconds["sd"] = time.time() - started - sum(seconds.values())
@@ -217,7 +218,6 @@ def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 
         started -= record["seconds"]
     pipe = StableDiffusionPipeline.from_pretrained(root / "sd", safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    train_captions, held_out = caption_split()
     generated = sample(pipe, train_captions, [10_000 + seed, 10_001 + seed], guidance_scale=GUIDANCE)
     train_clip(root / "clip", generated=list(generated), steps=clip_steps, seed=seed, start=text_clip)
     shutil.rmtree(text_clip)
