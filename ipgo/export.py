@@ -150,7 +150,7 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
     known = {"format", "format_version", "family", "base_model", "hidden_size", "layout", "too_long", "mode",
              "prompts", "n_prefix", "n_suffix", "prompt_attention",
              "train_prompts"}
-    return TokenFile(
+    tokens = TokenFile(
         prefix=tensors["prefix"],
         suffix=tensors["suffix"],
         family=metadata["family"],
@@ -164,6 +164,23 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
         train_prompts=json.loads(metadata["train_prompts"]) if "train_prompts" in metadata else None,
         extra={k: v for k, v in metadata.items() if k not in known},
     )
+    _check_shapes(tokens, metadata, path)
+    return tokens
+
+
+def _check_shapes(tokens: TokenFile, metadata: dict[str, str], path: Path) -> None:
+    """The tensors must be what the metadata says: width, token counts, one row per prompt-wise prompt."""
+    dims = 3 if tokens.per_prompt else 2
+    expected = {"prefix": int(metadata["n_prefix"]), "suffix": int(metadata["n_suffix"])}
+    for name, tensor in (("prefix", tokens.prefix), ("suffix", tokens.suffix)):
+        rows = [len(tokens.prompts)] if tokens.per_prompt else []
+        shape = (*rows, expected[name], tokens.hidden_size)
+        if tensor.dim() != dims or tuple(tensor.shape) != shape:
+            raise TokenFileError(
+                f"{str(path)!r} is damaged: its {name} has shape {tuple(tensor.shape)}, but its metadata "
+                f"({tokens.mode}, {len(tokens.prompts or [])} prompts, hidden size {tokens.hidden_size}) needs "
+                f"{shape}. Export the tokens again from their run."
+            )
 
 
 @torch.no_grad()
@@ -178,10 +195,18 @@ def token_embeds(
     tokens = tokens if isinstance(tokens, TokenFile) else load_tokens(tokens)
     backbone = backbone_for_pipeline(pipe)
     tokens.check_fits(backbone.family, backbone.hidden_size, backbone.model)
+    if "max_sequence_length" in tokens.extra and hasattr(backbone, "max_sequence_length"):
+        backbone.max_sequence_length = int(tokens.extra["max_sequence_length"])  # SD 3: the T5 length trained with
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = None
     if negative_prompt is not None:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if tokens.layout == "unpadded" and len(set(backbone.token_lengths(prompts))) > 1:
+        raise UserError(
+            "these tokens use the unpadded layout, so prompts of different token lengths cannot share one pipeline "
+            "call (the shorter ones would be stretched with filler states and give other images): call the "
+            "pipeline once per prompt"
+        )
     prefix, suffix = tokens.tokens_for(prompts)
     cond, uncond, *_ = conditioning(backbone, prompts, prefix, suffix, tokens.layout, tokens.too_long, negatives,
                                     prompt_attention=tokens.prompt_attention)
@@ -202,6 +227,8 @@ def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
     tokens = tokens if isinstance(tokens, TokenFile) else load_tokens(tokens)
     backbone = backbone_for_pipeline(pipe)
     tokens.check_fits(backbone.family, backbone.hidden_size, backbone.model)
+    if "max_sequence_length" in tokens.extra and hasattr(backbone, "max_sequence_length"):
+        backbone.max_sequence_length = int(tokens.extra["max_sequence_length"])  # SD 3: the T5 length trained with
     remove_tokens(pipe)
     original = pipe.encode_prompt
     signature = inspect.signature(original)

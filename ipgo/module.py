@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ipgo.backbones.base import Backbone, TooLong, check_prompt_lengths
 from ipgo.errors import UserError
+from ipgo.export import TokenFile
 from ipgo.files import atomic_path
 from ipgo.inject import Layout, conditioning, conformity
 from ipgo.rewards.base import Reward
@@ -206,6 +207,12 @@ class IPGOModule(L.LightningModule):
                 "measure: set data.val_fraction=0 (held-out seeds are in model.seeds.eval)"
             )
         self.backbone.load_tokenizer()
+        if self.layout == "unpadded" and self.backbone.sequence_length != self.backbone.max_length:
+            raise UserError(
+                f"layout=unpadded keeps only n_prefix + prompt + n_suffix positions, which would drop the "
+                f"{self.backbone.sequence_length - self.backbone.max_length} T5 states that follow CLIP's in "
+                f"{type(self.backbone).__name__}'s conditioning: set model.layout=padded"
+            )
         all_prompts = list(train_prompts) + list(val_prompts)
         reserved = self.token_config.n_prefix + self.token_config.n_suffix
         budget = self.backbone.max_length - reserved
@@ -264,17 +271,13 @@ class IPGOModule(L.LightningModule):
     def _step_loss(self, prompts: list[str], index: Tensor, step: int, log: bool = False) -> Tensor:
         """The loss of one optimisation step of these prompts (`step`: the epoch, for fresh noise)."""
         prefix, suffix = self.token_vectors(self._set_ids(index))
-        cond, uncond, embeds, placed_prefix, placed_suffix = conditioning(
-            self.backbone, prompts, prefix, suffix, self.layout, self.too_long, prompt_attention=self.prompt_attention
-        )
         n_seeds = len(self.seeds.train)
         seeds = self.seeds.for_items(index.tolist(), step)
-        noise = initial_noise(self.backbone, self.sampler_config, seeds, self.device)
-        images = self.sampler(self.backbone, cond.repeat_interleave(n_seeds), uncond.repeat_interleave(n_seeds), noise)
+        images, penalty = self._sample(prompts, prefix, suffix, seeds, self.layout, self.too_long,
+                                       self.prompt_attention)
         rewards = self.reward(images, [p for p in prompts for _ in range(n_seeds)]).view(len(prompts), n_seeds)
         self._check_finite(rewards, prompts)
         reward = rewards.mean(dim=1)  # (B,)
-        penalty = conformity(embeds.hidden, embeds.lengths, placed_prefix, placed_suffix)
         losses = -reward + self.conformity_weight * penalty
         loss = losses.sum() if self.prompt_wise else losses.mean()
         if self.best is not None:
@@ -390,11 +393,46 @@ class IPGOModule(L.LightningModule):
             layout, too_long, attention = "padded", "truncate", False
         else:
             layout, too_long, attention = self.layout, self.too_long, self.prompt_attention
-        cond, uncond, *_ = conditioning(self.backbone, prompts, prefix, suffix, layout, too_long,
-                                        prompt_attention=attention)
-        n = len(seeds)
-        noise = initial_noise(self.backbone, self.sampler_config, [s for _ in prompts for s in seeds], self.device)
-        return self.sampler(self.backbone, cond.repeat_interleave(n), uncond.repeat_interleave(n), noise)
+        images, _ = self._sample(prompts, prefix, suffix, [s for _ in prompts for s in seeds], layout, too_long,
+                                 attention)
+        return images
+
+    def _sample(self, prompts: Sequence[str], prefix: Tensor, suffix: Tensor, seeds: Sequence[int], layout: Layout,
+                too_long: TooLong, attention: bool) -> tuple[Tensor, Tensor]:
+        """Images (len(seeds), 3, H, W) of the prompts with these tokens, for `seeds` given prompt-major (the same
+        number per prompt), and each prompt's conformity penalty (len(prompts),).
+
+        With the unpadded layout, prompts of different token lengths go through the denoiser separately: stretched
+        to a longer prompt's length, a row would see filler states after its suffix (cross-attention has no mask),
+        and a prompt's images would depend on the prompts batched with it.
+        """
+        n = len(seeds) // len(prompts)
+        images: list[Tensor] = [torch.empty(0)] * len(prompts)
+        penalties: list[Tensor] = [torch.empty(0)] * len(prompts)
+        for group in self._length_groups(prompts, prefix.shape[1] + suffix.shape[1], layout, too_long):
+            rows = torch.tensor(group, device=prefix.device)
+            cond, uncond, embeds, placed_prefix, placed_suffix = conditioning(
+                self.backbone, [prompts[i] for i in group], prefix[rows], suffix[rows], layout, too_long,
+                prompt_attention=attention,
+            )
+            group_seeds = [seeds[i * n + k] for i in group for k in range(n)]
+            noise = initial_noise(self.backbone, self.sampler_config, group_seeds, self.device)
+            out = self.sampler(self.backbone, cond.repeat_interleave(n), uncond.repeat_interleave(n), noise)
+            penalty = conformity(embeds.hidden, embeds.lengths, placed_prefix, placed_suffix)
+            for k, i in enumerate(group):
+                images[i], penalties[i] = out[k * n : (k + 1) * n], penalty[k]
+        return torch.cat(images), torch.stack(penalties)
+
+    def _length_groups(self, prompts: Sequence[str], reserved: int, layout: Layout,
+                       too_long: TooLong) -> list[list[int]]:
+        """Positions of the prompts that can share a denoiser batch: all of them, or with the unpadded layout
+        those of the same token length."""
+        if layout != "unpadded":
+            return [list(range(len(prompts)))]
+        groups: dict[int, list[int]] = {}
+        for i, length in enumerate(self.backbone.encode(prompts, reserved, too_long).lengths.tolist()):
+            groups.setdefault(length, []).append(i)
+        return list(groups.values())
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], seeds: Sequence[int], prefix: Tensor | None = None,
@@ -466,13 +504,34 @@ class IPGOModule(L.LightningModule):
 
             write_run_outputs(self, Path(self.trainer.default_root_dir))
 
+    def token_file(self) -> TokenFile:
+        """The tokens to export, with what they were made for (`save_tokens` writes it)."""
+        prefix, suffix = self.export_vectors()
+        return TokenFile(
+            prefix=prefix,
+            suffix=suffix,
+            family=self.backbone.family,
+            base_model=self.backbone.model,
+            hidden_size=self.backbone.hidden_size,
+            layout=self.layout,
+            too_long=self.too_long,
+            mode=self.mode,
+            prompts=list(self.prompts) if self.prompt_wise else None,
+            train_prompts=None if self.prompt_wise else list(self.prompts),
+            prompt_attention=self.prompt_attention,
+            extra=self.metadata(),
+        )
+
     def metadata(self) -> dict[str, str]:
         """String metadata recorded in token files."""
         import json
 
         from ipgo import __version__
 
+        # SD 3's T5 length sets the conditioning's length: a pipeline must rebuild it the same way
+        t5_length = getattr(self.backbone, "max_sequence_length", None)
         return {
+            **({} if t5_length is None else {"max_sequence_length": str(t5_length)}),
             "rewards": json.dumps(getattr(self.reward, "names", [self.reward.name])),
             "compute": json.dumps(self.compute_record()),
             "sampler": json.dumps(asdict(self.sampler_config)),

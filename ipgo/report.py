@@ -11,7 +11,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from ipgo.export import TokenFile, load_tokens, save_tokens
+from ipgo.export import load_tokens, save_tokens
 from ipgo.files import atomic_path, write_text
 
 if TYPE_CHECKING:
@@ -29,22 +29,7 @@ def save_image_grid(images: Tensor, columns: int, path: Path) -> Path:
 
 def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
     """Export the tokens, render report prompts before/after on held-out seeds, write the summary."""
-    prefix, suffix = module.export_vectors()
-    token_file = TokenFile(
-        prefix=prefix,
-        suffix=suffix,
-        family=module.backbone.family,
-        base_model=module.backbone.model,
-        hidden_size=module.backbone.hidden_size,
-        layout=module.layout,
-        too_long=module.too_long,
-        mode=module.mode,
-        prompts=list(module.prompts) if module.prompt_wise else None,
-        train_prompts=None if module.prompt_wise else list(module.prompts),
-        prompt_attention=module.prompt_attention,
-        extra=module.metadata(),
-    )
-    tokens_path = save_tokens(run_dir / "tokens.safetensors", token_file)
+    tokens_path = save_tokens(run_dir / "tokens.safetensors", module.token_file())
     tokens = load_tokens(tokens_path)  # render from the file: the export is the single source of truth
 
     held_out = list(module.val_prompts)

@@ -4,6 +4,7 @@ from diffusers import StableDiffusionPipeline
 
 import ipgo
 from ipgo.backbones import StableDiffusion
+from ipgo.errors import UserError
 from ipgo.export import TokenFile, TokenFileError, load_tokens, save_tokens
 from ipgo.module import IPGOModule
 from ipgo.rewards import ClipScore
@@ -27,13 +28,6 @@ def make_module(tiny_sd_dir, tiny_clip_dir, layout="padded", mode="prompt-wise",
     return module
 
 
-def token_file(module):
-    prefix, suffix = module.export_vectors()
-    return TokenFile(prefix, suffix, family="sd", base_model=module.backbone.model,
-                     hidden_size=module.backbone.hidden_size, layout=module.layout, mode=module.mode,
-                     prompts=list(module.prompts) if module.prompt_wise else None)
-
-
 def pipeline(tiny_sd_dir, scheduler):
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir), local_files_only=True, safety_checker=None)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
@@ -52,7 +46,7 @@ def pipe_images(pipe, prompts, seed, config):
 ])
 def test_round_trip_gives_the_modules_image(tiny_sd_dir, tiny_clip_dir, tmp_path, layout, mode, scheduler):
     module = make_module(tiny_sd_dir, tiny_clip_dir, layout, mode, scheduler)
-    path = save_tokens(tmp_path / "tokens.safetensors", token_file(module))
+    path = save_tokens(tmp_path / "tokens.safetensors", module.token_file())
     loaded = load_tokens(path)
     assert loaded.layout == layout and loaded.mode == mode and loaded.hidden_size == 32
 
@@ -60,20 +54,25 @@ def test_round_trip_gives_the_modules_image(tiny_sd_dir, tiny_clip_dir, tmp_path
     p, s = loaded.tokens_for(PROMPTS)
     ours = module.render(PROMPTS, [seed], p, s)
     pipe = ipgo.apply_tokens(pipeline(tiny_sd_dir, scheduler), path)
-    theirs = pipe_images(pipe, PROMPTS, seed, module.sampler_config)
+    theirs = torch.cat([pipe_images(pipe, [prompt], seed, module.sampler_config) for prompt in PROMPTS])
     assert torch.allclose(ours, theirs.float(), atol=1e-5)
+    if layout == "padded":
+        assert torch.allclose(pipe_images(pipe, PROMPTS, seed, module.sampler_config), theirs, atol=1e-5)
+    else:  # the prompts differ in length: one call for both would stretch the shorter one with filler states
+        with pytest.raises(UserError, match="once per prompt"):
+            pipe_images(pipe, PROMPTS, seed, module.sampler_config)
 
     raw = pipe_images(ipgo.remove_tokens(pipe), PROMPTS, seed, module.sampler_config)
     assert torch.allclose(module.render(PROMPTS, [seed]), raw.float(), atol=1e-5)  # raw prompt, no tokens
     assert not torch.allclose(raw, theirs, atol=1e-3)  # the tokens change the image
 
-    embeds = ipgo.token_embeds(pipe, path, PROMPTS)
+    embeds = ipgo.token_embeds(pipe, path, PROMPTS[:1])
     assert embeds["prompt_embeds"].shape == embeds["negative_prompt_embeds"].shape
 
 
 def test_mismatched_or_bad_token_files(tiny_sd_dir, tiny_clip_dir, tmp_path):
     module = make_module(tiny_sd_dir, tiny_clip_dir)
-    tokens = token_file(module)
+    tokens = module.token_file()
     pipe = pipeline(tiny_sd_dir, "lms")
     wrong = TokenFile(torch.zeros(2, 64), torch.zeros(3, 64), family="sd", base_model="other/model",
                       hidden_size=64)
@@ -81,6 +80,13 @@ def test_mismatched_or_bad_token_files(tiny_sd_dir, tiny_clip_dir, tmp_path):
         ipgo.apply_tokens(pipe, save_tokens(tmp_path / "wrong.safetensors", wrong))
     with pytest.raises(TokenFileError, match="no tokens for 'a green triangle'"):
         ipgo.token_embeds(pipe, tokens, "a green triangle")
+    damaged = TokenFile(torch.zeros(2, 16), torch.zeros(3, 16), family="sd", base_model="tiny", hidden_size=32)
+    with pytest.raises(TokenFileError, match=r"damaged: its prefix has shape \(2, 16\).* needs \(2, 32\)"):
+        load_tokens(save_tokens(tmp_path / "damaged.safetensors", damaged))
+    short = TokenFile(torch.zeros(2, 2, 32), torch.zeros(2, 3, 32), family="sd", base_model="tiny", hidden_size=32,
+                      mode="prompt-wise", prompts=["a", "b", "c"])
+    with pytest.raises(TokenFileError, match=r"3 prompts.* needs \(3, 2, 32\)"):
+        load_tokens(save_tokens(tmp_path / "short.safetensors", short))
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(TokenFileError, match="not a readable safetensors"):
         load_tokens(tmp_path / "junk.safetensors")

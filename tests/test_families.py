@@ -6,7 +6,9 @@ from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableD
 
 import ipgo
 from ipgo.backbones import StableDiffusion, StableDiffusion3, StableDiffusionXL
+from ipgo.errors import UserError
 from ipgo.export import TokenFile, TokenFileError, load_tokens, save_tokens
+from ipgo.inject import conditioning
 from ipgo.module import IPGOModule
 from ipgo.rewards import ClipScore
 from ipgo.sampling import SamplerConfig, make_scheduler
@@ -22,22 +24,14 @@ FAMILIES = {  # name: (adapter, tiny builder, pipeline class, scheduler)
 }
 
 
-def make_module(family, ipgo_cache, tiny_clip_dir, mode="prompt-wise", prompt_attention=False):
+def make_module(family, ipgo_cache, tiny_clip_dir, mode="prompt-wise", prompt_attention=False, layout="padded"):
     adapter, build, _, scheduler = FAMILIES[family]
     return IPGOModule(
-        adapter(str(build(ipgo_cache))), ClipScore(str(tiny_clip_dir)), mode=mode,
+        adapter(str(build(ipgo_cache))), ClipScore(str(tiny_clip_dir)), mode=mode, layout=layout,
         tokens=TokenConfig(n_prefix=2, n_suffix=2, rank=4),
         sampler=SamplerConfig(scheduler=scheduler, num_steps=3, grad_steps=2, guidance_scale=4.0, height=32, width=32),
         optimizer=lambda params: torch.optim.Adam(params, lr=0.05), prompt_attention=prompt_attention,
     )
-
-
-def token_file(module):
-    prefix, suffix = module.export_vectors()
-    return TokenFile(prefix, suffix, family=module.backbone.family, base_model=module.backbone.model,
-                     hidden_size=module.backbone.hidden_size, mode=module.mode,
-                     prompts=list(module.prompts) if module.prompt_wise else None,
-                     prompt_attention=module.prompt_attention)
 
 
 @pytest.mark.slow
@@ -55,7 +49,7 @@ def test_fit_raises_reward_and_export_reproduces_in_the_familys_pipeline(family,
         module.tokens.project_()
     assert (module.best.last > module.best.first).all(), (module.best.first, module.best.last)
 
-    path = save_tokens(tmp_path / "tokens.safetensors", token_file(module))
+    path = save_tokens(tmp_path / "tokens.safetensors", module.token_file())
     _, build, pipeline_class, scheduler = FAMILIES[family]
     extra = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}  # the tiny SD 3 has no T5
     pipe = pipeline_class.from_pretrained(str(build(ipgo_cache)), local_files_only=True, **extra)
@@ -84,7 +78,7 @@ def test_ipgo_plus_tokens_depend_on_the_prompt_without_parameters(ipgo_cache, ti
     assert not torch.allclose(placed_plus[0], placed_plus[1])  # IPGO+ tokens are prompt-conditioned
 
     # the token file records IPGO+, and applying it reproduces the module's render
-    path = save_tokens(tmp_path / "plus.safetensors", token_file(plus))
+    path = save_tokens(tmp_path / "plus.safetensors", plus.token_file())
     assert load_tokens(path).prompt_attention
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_path(ipgo_cache)), local_files_only=True)
     pipe.scheduler = make_scheduler("lms", pipe.scheduler.config)
@@ -105,3 +99,29 @@ def test_a_token_file_for_another_family_is_refused(ipgo_cache, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_path(ipgo_cache)), local_files_only=True)
     with pytest.raises(TokenFileError, match="hidden size 64 .* hidden size 32"):
         ipgo.token_embeds(pipe, path, "a cat")
+
+
+def test_sd3_refuses_the_unpadded_layout_before_loading(ipgo_cache, tiny_clip_dir):
+    """The unpadded layout keeps n_prefix + prompt + n_suffix positions: for SD 3 that would cut off T5's."""
+    module = make_module("sd3", ipgo_cache, tiny_clip_dir, layout="unpadded")
+    with pytest.raises(UserError, match="T5 states .* set model.layout=padded"):
+        module.prepare(["a cat"])
+    assert module.backbone.transformer is None  # refused before the weights loaded
+
+
+def test_sd3_tokens_carry_their_t5_length_into_the_pipeline(ipgo_cache, tiny_clip_dir, tmp_path):
+    """Trained with a T5 length other than the pipeline's default 256, the tokens rebuild the same conditioning."""
+    module = IPGOModule(
+        StableDiffusion3(str(tiny_sd3_path(ipgo_cache)), max_sequence_length=77), ClipScore(str(tiny_clip_dir)),
+        tokens=TokenConfig(n_prefix=2, n_suffix=2, rank=4),
+        sampler=SamplerConfig(scheduler="flow_euler", num_steps=2, grad_steps=1, height=32, width=32),
+    )
+    module.prepare(PROMPTS)
+    path = save_tokens(tmp_path / "tokens.safetensors", module.token_file())
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_path(ipgo_cache)), local_files_only=True,
+                                                    text_encoder_3=None, tokenizer_3=None)
+    embeds = ipgo.token_embeds(pipe, path, PROMPTS)
+    prefix, suffix = load_tokens(path).tokens_for(PROMPTS)
+    cond, *_ = conditioning(module.backbone, PROMPTS, prefix, suffix)
+    assert embeds["prompt_embeds"].shape == cond.hidden.shape == (2, 77 + 77, 64)
+    assert torch.allclose(embeds["prompt_embeds"], cond.hidden.to(embeds["prompt_embeds"].dtype))

@@ -19,7 +19,7 @@ def prompt_file(tmp_path, prompts=PROMPTS):
 
 
 def make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-wise", grad_clip=1.0, lr=0.05, seeds=None,
-                optimizer=torch.optim.Adam):
+                optimizer=torch.optim.Adam, layout="padded"):
     return IPGOModule(
         StableDiffusion(str(tiny_sd_dir)),
         ClipScore(str(tiny_clip_dir)),
@@ -30,6 +30,7 @@ def make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-wise", grad_clip=1.0, l
         grad_clip=grad_clip,
         optimizer=lambda params: optimizer(params, lr=lr),
         report_prompts=2,
+        layout=layout,
     )
 
 
@@ -52,20 +53,23 @@ def test_prompt_wise_raises_each_prompts_reward(tiny_sd_dir, tiny_clip_dir, tmp_
     assert (tmp_path / "summary.md").read_text().count("|") > 10
 
 
-def test_batched_prompt_wise_equals_one_prompt_at_a_time(tiny_sd_dir, tiny_clip_dir, tmp_path):
+@pytest.mark.parametrize("layout", ["padded", "unpadded"])
+def test_batched_prompt_wise_equals_one_prompt_at_a_time(tiny_sd_dir, tiny_clip_dir, tmp_path, layout):
     """Independent token sets: batch composition changes nothing, gradient clipping included.
 
     SGD, unlike Adam, is not invariant to gradient scale, so a shared clip or a mean over the
-    batch would show here.
+    batch would show here. The prompts differ in length, so with the unpadded layout a batch
+    stretched to its longest prompt would change the shorter ones' images.
     """
     results = []
     for batch_size in (3, 1):
         # reward gradients here are ~1e-5 per set, so this clip is active; steps are ~0.1
-        module = make_module(tiny_sd_dir, tiny_clip_dir, grad_clip=1e-5, lr=1e4, optimizer=torch.optim.SGD)
+        module = make_module(tiny_sd_dir, tiny_clip_dir, grad_clip=1e-5, lr=1e4, optimizer=torch.optim.SGD,
+                             layout=layout)
         module.report_prompts = 0
         fit(module, PromptDataModule(prompt_file(tmp_path), batch_size=batch_size), tmp_path / str(batch_size),
             epochs=3)
-        results.append(module.tokens(range(3)))
+        results.append((*module.tokens(range(3)), module.best.first))
         assert (module.best.last != module.best.first).all()  # the tokens moved
     for batched, alone in zip(*results):
         assert torch.allclose(batched, alone, atol=1e-5)
