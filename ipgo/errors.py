@@ -11,6 +11,10 @@ class UserError(Exception):
     """Bad input with a message that names the problem and the fix."""
 
 
+class NonFiniteRewardError(UserError, FloatingPointError):
+    """A reward that came back NaN or infinite."""
+
+
 @contextmanager
 def reported(program: str) -> Iterator[None]:
     """Turn a `UserError` into `program: error: message` on stderr and exit code 2."""

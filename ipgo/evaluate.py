@@ -35,10 +35,10 @@ import torch
 from torch import Tensor
 
 from ipgo.data import read_prompts
-from ipgo.errors import UserError, reported
+from ipgo.errors import NonFiniteRewardError, UserError, reported
 from ipgo.export import TokenFile, load_tokens
 from ipgo.files import write_text
-from ipgo.generate import check_held_out, load_pipeline, parse_seeds, render
+from ipgo.generate import check_held_out, load_pipeline, parse_seeds, render, sampler_settings
 from ipgo.report import save_image_grid
 from ipgo.rewards.combine import CombinedReward, RewardSpec, build_reward
 
@@ -80,10 +80,19 @@ def summary_statistics(scores: Tensor) -> dict:
 
 @torch.no_grad()
 def score(reward: CombinedReward, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
-    """Every component's scores (prompts, seeds) of images (prompts, seeds, 3, H, W)."""
+    """Every component's scores (prompts, seeds) of images (prompts, seeds, 3, H, W); NaN or infinite is an error."""
     flat = images.flatten(0, 1).to(next(reward.buffers()).device)
     reward(flat, [p for p in prompts for _ in range(images.shape[1])])
-    return {name: values.float().cpu().view(images.shape[:2]) for name, values in reward.components.items()}
+    scores = {name: values.float().cpu().view(images.shape[:2]) for name, values in reward.components.items()}
+    for name, values in scores.items():
+        bad = ~torch.isfinite(values).all(dim=1)
+        if bad.any():
+            raise NonFiniteRewardError(
+                f"reward {name!r} is NaN or infinite for prompt {prompts[int(bad.nonzero()[0])]!r}, so no mean, "
+                "win or best-of-N pick would mean anything. With float16 weights this is usually an overflow "
+                "(the SD VAE's): evaluate with --dtype float32 or bfloat16."
+            )
+    return scores
 
 
 def evaluate(
@@ -143,11 +152,25 @@ def evaluate(
             if seen:
                 flags[name].append(f"{len(seen)} prompts were in its training split")
 
-    reward = build_reward(rewards).to(device)
-    reward.load()
+    for tokens in token_files.values():
+        tokens.tokens_for(prompt_list)  # a prompt-wise file must hold every prompt
+    if bootstrap < 1:
+        raise UserError(f"bootstrap={bootstrap}: the win-rate intervals need at least 1 resample (e.g. 1000)")
+    # everything that can be checked without weights is checked before any model loads
+    reward = build_reward(rewards)
     optimised = json.loads(first.extra.get("rewards", "[]"))
     selector = selection_reward or (optimised[0] if optimised else None)
+    n = 0 if best_of_n == "off" else (matched_n(first) if best_of_n == "auto" else int(best_of_n))
+    if n < 0:
+        raise UserError(f"best_of_n={n}: give a number of candidates >= 1, 'auto' or 'off'")
+    if n and selector not in reward.names:
+        raise UserError(
+            f"best-of-N selects with the optimised reward {selector!r}, which is not among the rewards "
+            f"scored ({', '.join(reward.names)}): add it to --rewards or set --selection_reward"
+        )
     pipe = load_pipeline(first, model, device, dtype)
+    reward = reward.to(device)
+    reward.load()
     out_dir = Path(out)
 
     raw = render(pipe, first, prompt_list, seed_list, tuned=False)
@@ -157,14 +180,8 @@ def evaluate(
         images[name] = render(pipe, tokens, prompt_list, seed_list, tuned=True)
         scores[name] = score(reward, images[name], prompt_list)
 
-    n = 0 if best_of_n == "off" else (matched_n(first) if best_of_n == "auto" else int(best_of_n))
     chosen: dict[tuple[int, int], int] = {}
     if n:
-        if selector not in reward.names:
-            raise UserError(
-                f"best-of-N selects with the optimised reward {selector!r}, which is not among the rewards "
-                f"scored ({', '.join(reward.names)}): add it to --rewards or set --selection_reward"
-            )
         images[f"best_of_{n}"], scores[f"best_of_{n}"], chosen = _best_of_n(
             pipe, first, reward, prompt_list, seed_list, n, selector
         )
@@ -198,10 +215,22 @@ def _parse_methods(methods: list[str]) -> dict[str, str]:
     return named
 
 
+RENDER_SETTINGS = ("scheduler", "num_steps", "guidance_scale", "height", "width")
+
+
 def _check_same_model(token_files: dict[str, TokenFile]) -> None:
+    """Methods compared on the same seeds must share the model and the sampler that renders them (the raw
+    prompt and best-of-N render with the first method's)."""
     models = {(t.family, t.base_model) for t in token_files.values()}
     if len(models) > 1:
         raise UserError(f"the methods were made for different models {sorted(models)}; evaluate them separately")
+    samplers = {name: {k: sampler_settings(t)[k] for k in RENDER_SETTINGS} for name, t in token_files.items()}
+    if len({json.dumps(s, sort_keys=True) for s in samplers.values()}) > 1:
+        listed = "; ".join(f"{name}: {settings}" for name, settings in samplers.items())
+        raise UserError(
+            f"the methods were trained with different sampler settings ({listed}), so their images on the same "
+            "seeds are not paired with each other or with the raw prompt: evaluate them separately"
+        )
 
 
 def _prompts(path: str | None, token_files: dict[str, TokenFile]) -> list[str]:

@@ -29,7 +29,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ipgo.backbones.base import Backbone, TooLong, check_prompt_lengths
-from ipgo.errors import UserError
+from ipgo.errors import NonFiniteRewardError, UserError
 from ipgo.export import TokenFile
 from ipgo.files import atomic_path
 from ipgo.inject import Layout, conditioning, conformity
@@ -38,9 +38,7 @@ from ipgo.rewards.combine import CombinedReward, RewardConfigError, RewardSpec, 
 from ipgo.sampling import SamplerConfig, TruncatedSampler, initial_noise
 from ipgo.tokens import TokenConfig, TokenSets
 
-
-class NonFiniteRewardError(UserError, FloatingPointError):
-    """A reward that came back NaN or infinite."""
+__all__ = ["IPGOModule", "NonFiniteRewardError", "SeedConfig"]
 
 
 Mode = Literal["prompt-wise", "prompt-batch"]

@@ -108,6 +108,41 @@ def test_bad_input_gives_clear_messages(run, tmp_path, capsys):
         parse_seeds("1,1")
 
 
+def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tmp_path, monkeypatch):
+    from ipgo.errors import NonFiniteRewardError, UserError
+    from ipgo.evaluate import score
+    from ipgo.export import load_tokens, save_tokens
+    from ipgo.rewards.combine import CombinedReward, build_reward
+
+    run_dir, _ = run
+    tokens = load_tokens(run_dir)
+    sampler = json.loads(tokens.extra["sampler"])
+    tokens.extra["sampler"] = json.dumps({**sampler, "guidance_scale": sampler["guidance_scale"] + 1})
+    other = save_tokens(tmp_path / "other.safetensors", tokens)
+
+    def no_loading(self):
+        raise AssertionError("a reward loaded before the input was checked")
+
+    monkeypatch.setattr(CombinedReward, "_load", no_loading)
+    cases = [
+        (dict(methods=[f"ipgo={run_dir}", f"other={other}"]), "different sampler settings"),
+        (dict(methods=[f"ipgo={run_dir}"], bootstrap=0), "at least 1 resample"),
+        (dict(methods=[f"ipgo={run_dir}"], selection_reward="aesthetic"), "not among the rewards scored"),
+        (dict(methods=[f"ipgo={run_dir}"], model=str(tmp_path / "missing")), "missing"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(UserError, match=message):
+            evaluate(rewards=REWARDS[:1], seeds="1000", out=str(tmp_path / "out"), **kwargs)
+    monkeypatch.undo()
+
+    reward = build_reward(REWARDS[:1])
+    reward.load()
+    images = torch.rand(2, 1, 3, 32, 32)
+    images[1, 0, :, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteRewardError, match="'clip_score' is NaN or infinite for prompt 'b'"):
+        score(reward, images, ["a", "b"])
+
+
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
 def test_generate_works_for_every_family(family, ipgo_cache, tmp_path, monkeypatch):
     from dataclasses import asdict
