@@ -334,7 +334,8 @@ class IPGOModule(L.LightningModule):
             torch.save({"state": state, "indices": sorted(mine), "compute": self._compute_so_far()}, tmp)
         self.trainer.strategy.barrier()
         if self.trainer.is_global_zero:
-            self._merge_shards(sorted((run_dir / "shards").glob("rank*.pt")))
+            # this run's ranks only: a crashed run with more processes may have left shards behind
+            self._merge_shards([run_dir / "shards" / f"rank{r}.pt" for r in range(self.trainer.world_size)])
             from ipgo.report import write_run_outputs
 
             write_run_outputs(self, run_dir)

@@ -23,8 +23,11 @@ def fit(run_dir: Path, *extra: str, cache: Path) -> None:
 @pytest.mark.slow
 def test_two_process_prompt_wise_equals_one_process(tmp_path, ipgo_cache):
     fit(tmp_path / "one", cache=ipgo_cache)
+    stale = tmp_path / "two/shards/rank2.pt"  # left by a crashed three-process run: must not be merged
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"stale")
     fit(tmp_path / "two", "--trainer.devices", "2", "--trainer.strategy", "ddp", cache=ipgo_cache)
-    assert sorted(p.name for p in (tmp_path / "two/shards").iterdir()) == ["rank0.pt", "rank1.pt"]
+    assert sorted(p.name for p in (tmp_path / "two/shards").iterdir()) == ["rank0.pt", "rank1.pt", "rank2.pt"]
     one, two = load_file(tmp_path / "one/tokens.safetensors"), load_file(tmp_path / "two/tokens.safetensors")
     assert one["prefix"].shape[0] == 3
     for key in ("prefix", "suffix"):
