@@ -104,6 +104,8 @@ class PromptDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 (or left out for every prompt), got {limit}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.path = prompts

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -203,6 +204,13 @@ class IPGOModule(L.LightningModule):
             raise ValueError(
                 "prompt-wise tokens are made for their own prompts, so a validation split has nothing to "
                 "measure: set data.val_fraction=0 (held-out seeds are in model.seeds.eval)"
+            )
+        repeated = [p for p, count in Counter(train_prompts).items() if count > 1]
+        if self.prompt_wise and repeated:
+            raise UserError(
+                f"the prompt {repeated[0]!r} is in the prompt file {Counter(train_prompts)[repeated[0]]} times "
+                f"({len(repeated)} prompts repeat); prompt-wise tokens are made per prompt, so each copy would be "
+                "optimised on its own and only one exported: remove the repeated lines"
             )
         self.backbone.load_tokenizer()
         if self.layout == "unpadded" and self.backbone.sequence_length != self.backbone.max_length:

@@ -63,6 +63,11 @@ class TokenConfig:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.bound <= 0:
             raise ValueError(f"bound must be > 0, got {self.bound}")
+        if not 0 <= self.init_scale <= 1:
+            raise ValueError(
+                f"init_scale must be in [0, 1], got {self.init_scale}: initial coefficients would start outside "
+                "the bound |z| <= bound (to start wider, raise bound)"
+            )
         if self.rotation_angles < 0:
             raise ValueError(f"rotation_angles must be >= 0, got {self.rotation_angles}")
 

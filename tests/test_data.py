@@ -44,3 +44,5 @@ def test_split_is_disjoint_deterministic_and_complete(tmp_path):
     assert limited.train_prompts == ["prompt 0", "prompt 1"] and limited.val_dataloader() == []
     with pytest.raises(ValueError, match="empty split"):
         PromptDataModule(str(path), limit=1, val_fraction=0.2).setup()
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        PromptDataModule(str(path), limit=0)

@@ -4,6 +4,7 @@ import torch
 
 from ipgo.backbones import StableDiffusion
 from ipgo.data import PromptDataModule
+from ipgo.errors import UserError
 from ipgo.module import IPGOModule, NonFiniteRewardError, SeedConfig
 from ipgo.rewards import ClipScore
 from ipgo.sampling import SamplerConfig
@@ -94,6 +95,16 @@ def test_prompt_wise_refuses_validation_split_and_accumulation(tiny_sd_dir, tiny
     module = make_module(tiny_sd_dir, tiny_clip_dir)
     with pytest.raises(ValueError, match="accumulate_grad_batches"):
         fit(module, PromptDataModule(prompt_file(tmp_path)), tmp_path, epochs=1, accumulate_grad_batches=2)
+
+
+def test_prompt_wise_refuses_repeated_prompts_before_loading(tiny_sd_dir, tiny_clip_dir):
+    module = make_module(tiny_sd_dir, tiny_clip_dir)
+    with pytest.raises(UserError, match="'a blue square' is in the prompt file 2 times.*remove the repeated lines"):
+        module.prepare([*PROMPTS, "a blue square"])
+    assert module.tokens is None and module.backbone.unet is None
+    batch = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch")
+    batch.prepare([*PROMPTS, "a blue square"])  # a shared token set: a repeat only weighs a prompt more
+    assert len(batch.tokens) == 1
 
 
 def test_nan_reward_is_a_clear_error(tiny_sd_dir, tiny_clip_dir, tmp_path):

@@ -94,6 +94,8 @@ def test_zero_length_side_and_notebook_preset():
         TokenSets(TokenConfig(rank=40), dim=32)
     with pytest.raises(ValueError, match="nothing to learn"):
         TokenConfig(n_prefix=0, n_suffix=0)
+    with pytest.raises(ValueError, match=r"init_scale must be in \[0, 1\].*outside the bound"):
+        TokenConfig(init_scale=1.5)
 
 
 def test_per_set_clipping_is_per_set():
