@@ -19,7 +19,7 @@ from __future__ import annotations
 import resource
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +35,14 @@ from ipgo.export import TokenFile
 from ipgo.files import atomic_path
 from ipgo.inject import Layout, conditioning, conformity
 from ipgo.rewards.base import Reward
-from ipgo.rewards.combine import CombinedReward, RewardConfigError, RewardSpec, build_reward
+from ipgo.rewards.combine import (
+    CombinedReward,
+    RewardConfigError,
+    RewardSpec,
+    RunningStats,
+    build_reward,
+    frozen_statistics,
+)
 from ipgo.sampling import SamplerConfig, TruncatedSampler, initial_noise
 from ipgo.tokens import TokenConfig, TokenSets
 
@@ -74,25 +81,35 @@ class SeedConfig:
 
 
 class BestTokens(nn.Module):
-    """Per prompt: the best training reward seen and the tokens that reached it; the first and last reward."""
+    """Per prompt: the best training reward seen and the tokens that reached it; the first and last reward.
 
-    def __init__(self, num_prompts: int, n_prefix: int, n_suffix: int, dim: int) -> None:
+    Steps are compared on their raw reward components (mean over seeds), put on one scale by `combine`
+    at the time of each comparison: with running normalisation the logged totals of different steps
+    sit on different scales and would not rank the steps.
+    """
+
+    def __init__(self, num_prompts: int, n_prefix: int, n_suffix: int, dim: int, n_components: int = 1) -> None:
         super().__init__()
         self.register_buffer("reward", torch.full((num_prompts,), -torch.inf))
+        self.register_buffer("components", torch.zeros(num_prompts, n_components))
         self.register_buffer("first", torch.full((num_prompts,), torch.nan))
         self.register_buffer("last", torch.full((num_prompts,), torch.nan))
         self.register_buffer("prefix", torch.zeros(num_prompts, n_prefix, dim))
         self.register_buffer("suffix", torch.zeros(num_prompts, n_suffix, dim))
 
     @torch.no_grad()
-    def update(self, index: Tensor, reward: Tensor, prefix: Tensor, suffix: Tensor) -> None:
+    def update(self, index: Tensor, reward: Tensor, components: Tensor, prefix: Tensor, suffix: Tensor,
+               combine: Callable[[Tensor], Tensor]) -> None:
+        """Record a step of these prompts: `reward` (B,) as optimised, `components` (B, n_components) raw."""
         index = index.to(self.reward.device)
         reward = reward.detach().to(self.reward.device)
+        components = components.detach().float().to(self.reward.device)
         self.first[index] = torch.where(self.first[index].isnan(), reward, self.first[index])
         self.last[index] = reward
-        better = reward > self.reward[index]
+        better = ~torch.isfinite(self.reward[index]) | (combine(components) > combine(self.components[index]))
         rows = index[better]
         self.reward[rows] = reward[better]
+        self.components[rows] = components[better]
         self.prefix[rows] = prefix.detach().float()[better]
         self.suffix[rows] = suffix.detach().float()[better]
 
@@ -233,7 +250,9 @@ class IPGOModule(L.LightningModule):
         dim = self.backbone.hidden_size
         self.tokens = TokenSets(self.token_config, dim, len(self.prompts) if self.prompt_wise else 1)
         if self.prompt_wise:
-            self.best = BestTokens(len(self.prompts), self.token_config.n_prefix, self.token_config.n_suffix, dim)
+            terms = len(self.reward.names) if isinstance(self.reward, CombinedReward) else 1
+            self.best = BestTokens(len(self.prompts), self.token_config.n_prefix, self.token_config.n_suffix, dim,
+                                   terms)
 
     def configure_model(self) -> None:
         datamodule = self.trainer.datamodule
@@ -282,12 +301,13 @@ class IPGOModule(L.LightningModule):
         images, penalty = self._sample(prompts, prefix, suffix, seeds, self.layout, self.too_long,
                                        self.prompt_attention)
         rewards = self.reward(images, [p for p in prompts for _ in range(n_seeds)]).view(len(prompts), n_seeds)
+        self._last_rewards = rewards
         self._check_finite(rewards, prompts)
         reward = rewards.mean(dim=1)  # (B,)
         losses = -reward + self.conformity_weight * penalty
         loss = losses.sum() if self.prompt_wise else losses.mean()
         if self.best is not None:
-            self.best.update(index, reward, prefix, suffix)
+            self.best.update(index, reward, self._components(len(prompts)), prefix, suffix, self._combine)
         self.compute["images_rendered"] += len(prompts) * n_seeds
         if log:
             size = len(prompts)
@@ -355,11 +375,25 @@ class IPGOModule(L.LightningModule):
             rows = torch.tensor(shard["indices"], dtype=torch.long)
             tokens = {k: v for k, v in shard["state"].items() if k.startswith("tokens.")}
             self.load_state_dict(tokens, strict=False)
-            for name in ("reward", "first", "last", "prefix", "suffix"):
+            for name in ("reward", "components", "first", "last", "prefix", "suffix"):
                 getattr(self.best, name)[rows] = shard["state"][f"best.{name}"][rows].to(self.device)
             merged["fit_seconds"] = max(merged["fit_seconds"], shard["compute"]["fit_seconds"])
             merged["images_rendered"] += shard["compute"]["images_rendered"]
         self.compute, self._fit_started = merged, time.perf_counter()
+
+    def _components(self, batch: int) -> Tensor:
+        """Raw reward components (batch, n_components) of the last scoring, mean over seeds."""
+        if isinstance(self.reward, CombinedReward):
+            scores = torch.stack([self.reward.components[name] for name in self.reward.names], dim=-1)
+        else:
+            scores = self._last_rewards.reshape(-1, 1)
+        return scores.detach().float().view(batch, -1, scores.shape[-1]).mean(dim=1)
+
+    def _combine(self, components: Tensor) -> Tensor:
+        """Comparable totals of raw components (..., n_components) on the current normalisation."""
+        if isinstance(self.reward, CombinedReward):
+            return self.reward.combine(components)
+        return components[..., 0]
 
     def _check_finite(self, rewards: Tensor, prompts: Sequence[str]) -> None:
         bad = ~torch.isfinite(rewards).all(dim=1)
@@ -446,7 +480,8 @@ class IPGOModule(L.LightningModule):
               suffix: Tensor | None = None) -> Tensor:
         """Reward (len(prompts), len(seeds)) of renders of the prompts."""
         images = self.render(prompts, seeds, prefix, suffix)
-        rewards = self.reward(images, [p for p in prompts for _ in seeds])
+        with frozen_statistics(self.reward):  # only training moves running normalisation
+            rewards = self.reward(images, [p for p in prompts for _ in seeds])
         return rewards.view(len(prompts), len(seeds))
 
     def export_vectors(self) -> tuple[Tensor, Tensor]:
@@ -464,9 +499,14 @@ class IPGOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ipgo_compute"] = self._compute_so_far()
+        if isinstance(self.reward, CombinedReward):
+            checkpoint["ipgo_reward_statistics"] = {name: asdict(s) for name, s in self.reward.stats.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.compute = dict(checkpoint.get("ipgo_compute", self.compute))
+        if isinstance(self.reward, CombinedReward):  # a resumed run normalises as if it had not stopped
+            for name, saved in checkpoint.get("ipgo_reward_statistics", {}).items():
+                self.reward.stats[name] = RunningStats(**saved)
 
     def _compute_so_far(self) -> dict[str, Any]:
         return {**self.compute, "fit_seconds": self.compute["fit_seconds"] + time.perf_counter() - self._fit_started}

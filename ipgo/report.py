@@ -13,6 +13,7 @@ from torchvision.utils import make_grid
 
 from ipgo.export import load_tokens, save_tokens
 from ipgo.files import atomic_path, write_text
+from ipgo.rewards.combine import frozen_statistics
 
 if TYPE_CHECKING:
     from ipgo.module import IPGOModule
@@ -43,7 +44,7 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
         p, s = tokens.tokens_for(chunk)
         after = module.render(chunk, seeds, p.to(module.device), s.to(module.device))
         repeated = [q for q in chunk for _ in seeds]
-        with torch.no_grad():
+        with torch.no_grad(), frozen_statistics(module.reward):  # before and after on one scale
             before_scores += module.reward(before, repeated).view(len(chunk), -1).mean(1).tolist()
             after_scores += module.reward(after, repeated).view(len(chunk), -1).mean(1).tolist()
             if module.judges is not None:

@@ -6,7 +6,8 @@ from ipgo.backbones import StableDiffusion
 from ipgo.data import PromptDataModule
 from ipgo.errors import UserError
 from ipgo.module import IPGOModule, NonFiniteRewardError, SeedConfig
-from ipgo.rewards import ClipScore
+from ipgo.rewards import ClipScore, CombinedReward, RewardTerm
+from ipgo.rewards.combine import RunningStats
 from ipgo.sampling import SamplerConfig
 from ipgo.tokens import TokenConfig
 
@@ -105,6 +106,20 @@ def test_prompt_wise_refuses_repeated_prompts_before_loading(tiny_sd_dir, tiny_c
     batch = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch")
     batch.prepare([*PROMPTS, "a blue square"])  # a shared token set: a repeat only weighs a prompt more
     assert len(batch.tokens) == 1
+
+
+def test_running_normalisation_statistics_survive_a_resume(tiny_sd_dir, tiny_clip_dir):
+    def running(module):
+        module.reward = CombinedReward([RewardTerm(ClipScore(str(tiny_clip_dir)), normalize="running")])
+        return module
+
+    module = running(make_module(tiny_sd_dir, tiny_clip_dir))
+    module.reward.stats["clip_score"].update(torch.tensor([1.0, 3.0]))
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    resumed = running(make_module(tiny_sd_dir, tiny_clip_dir))
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.reward.stats["clip_score"] == RunningStats(count=2, mean=2.0, m2=2.0)
 
 
 def test_nan_reward_is_a_clear_error(tiny_sd_dir, tiny_clip_dir, tmp_path):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ipgo.errors import UserError
+from ipgo.module import BestTokens
 from ipgo.rewards import (
     REWARDS,
     Aesthetic,
@@ -20,7 +21,7 @@ from ipgo.rewards import (
     differentiable_preprocess,
     reward_class,
 )
-from ipgo.rewards.combine import RunningStats
+from ipgo.rewards.combine import RunningStats, frozen_statistics
 from ipgo.testing import TINY_OPEN_CLIP_NAME, TINY_SOURCES, tiny_hps_checkpoint_path
 
 PROMPTS = ["a photo of a cat", "a dog on the moon", "an oil painting of a lighthouse"]
@@ -129,6 +130,26 @@ def test_combined_running_normalisation(clip_score: ClipScore, images: torch.Ten
     assert stats.mean == pytest.approx(seen.mean().item()) and stats.std == pytest.approx(seen.std().item())
     expected = (combined.components["clip_score"].double() - seen.mean()) / seen.std()
     torch.testing.assert_close(second, expected.float())
+
+
+def test_best_steps_and_reports_compare_on_one_scale(clip_score: ClipScore, images: torch.Tensor) -> None:
+    """Running statistics move, so totals of different steps are on different scales: best-step selection
+    compares raw components on the current scale, and frozen scoring leaves the statistics alone."""
+    combined = CombinedReward([RewardTerm(clip_score, normalize="running")])
+    best, token = BestTokens(1, 1, 1, 2), torch.zeros(1, 1, 2)
+    for step, raw in enumerate([1.0, 5.0, 5.0, 5.0, 5.1]):
+        components = torch.tensor([[raw]])
+        combined.stats["clip_score"].update(components[:, 0])  # what a training call does
+        total = combined.combine(components)  # the step's normalised reward: 0.71 at step 1, 0.49 at step 4
+        best.update(torch.tensor([0]), total, components, token + step, token + step, combined.combine)
+    assert best.prefix[0, 0, 0] == 4 and best.components[0, 0] == pytest.approx(5.1)  # the highest raw reward
+    combined.load()
+    count = combined.stats["clip_score"].count
+    with frozen_statistics(combined):
+        combined(images, PROMPTS)
+    assert combined.stats["clip_score"].count == count
+    combined(images, PROMPTS)
+    assert combined.stats["clip_score"].count == count + len(PROMPTS)
 
 
 def test_running_stats_match_numpy() -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-import torch
 from torch import Tensor, nn
 
 from ipgo.errors import UserError
@@ -153,10 +153,13 @@ class RunningStats:
 class CombinedReward(Reward):
     """Weighted sum of rewards with per-term normalisation.
 
-    Running statistics (``normalize="running"``) are updated on every call, before the batch is
-    normalised: a batch is scaled with statistics that include it (so the first batch is
-    centred on its own mean). Rewards are always in eval mode, so there is no training-only
-    update. The statistics live in ``stats`` (plain floats, not in the state dict).
+    Running statistics (``normalize="running"``) are updated on every call while
+    ``update_statistics`` is true, before the batch is normalised: a batch is scaled with
+    statistics that include it (so the first batch is centred on its own mean). Scoring that
+    must not move them (validation, reports) runs inside `frozen_statistics`. The statistics
+    live in ``stats`` (plain floats; `IPGOModule` keeps them in its checkpoints). Totals from
+    different calls sit on different scales while the statistics move: `combine` puts stored
+    raw components on today's scale to compare them.
 
     Args:
         rewards: The terms; components are named by their reward's ``name`` (``_2``, ``_3``, ...
@@ -178,6 +181,7 @@ class CombinedReward(Reward):
                 name, i = f"{term.reward.name}_{i}", i + 1
             self.names.append(name)
         self.stats = {name: RunningStats() for name in self.names}
+        self.update_statistics = True
         self.differentiable = all(term.reward.differentiable for term in self.terms)
         self.components: dict[str, Tensor] = {}
 
@@ -195,15 +199,31 @@ class CombinedReward(Reward):
             total = total_term if total is None else total + total_term
         return total
 
-    @torch.no_grad()
-    def _update(self, name: str, raw: Tensor) -> None:
-        self.stats[name].update(raw)
+    def combine(self, components: Tensor) -> Tensor:
+        """The weighted, normalised sum (...) of raw component scores (..., terms), on the current statistics
+        and without updating them."""
+        return sum(term.weight * self._normalize(name, term, components[..., k], update=False)
+                   for k, (name, term) in enumerate(zip(self.names, self.terms)))
 
-    def _normalize(self, name: str, term: RewardTerm, raw: Tensor) -> Tensor:
+    def _normalize(self, name: str, term: RewardTerm, raw: Tensor, update: bool = True) -> Tensor:
         if term.normalize == "fixed":
             return (raw - term.offset) / term.scale
         if term.normalize == "running":
-            self._update(name, raw)
+            if update and self.update_statistics:
+                self.stats[name].update(raw)
             stats = self.stats[name]
             return (raw - stats.mean) / stats.std
         return raw
+
+
+@contextmanager
+def frozen_statistics(reward: Reward) -> Iterator[None]:
+    """Score with `reward` without moving its running normalisation statistics (if it has any)."""
+    if not isinstance(reward, CombinedReward):
+        yield
+        return
+    previous, reward.update_statistics = reward.update_statistics, False
+    try:
+        yield
+    finally:
+        reward.update_statistics = previous
