@@ -499,14 +499,29 @@ class IPGOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ipgo_compute"] = self._compute_so_far()
+        checkpoint["ipgo_run"] = self._run_identity()
         if isinstance(self.reward, CombinedReward):
             checkpoint["ipgo_reward_statistics"] = {name: asdict(s) for name, s in self.reward.stats.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved, current = checkpoint.get("ipgo_run"), self._run_identity()
+        if saved is not None and saved != current:
+            differs = ", ".join(k for k in current if saved.get(k) != current[k])
+            raise UserError(
+                f"the checkpoint was saved by a run with other {differs} (it has {len(saved['prompts'])} prompts, "
+                f"the first {saved['prompts'][0]!r}; this run has {len(current['prompts'])}, the first "
+                f"{current['prompts'][0]!r}), so its tokens would be applied to the wrong prompts or shapes: "
+                "resume with the run's own config (its config.yaml) or start a new run folder"
+            )
         self.compute = dict(checkpoint.get("ipgo_compute", self.compute))
         if isinstance(self.reward, CombinedReward):  # a resumed run normalises as if it had not stopped
             for name, saved in checkpoint.get("ipgo_reward_statistics", {}).items():
                 self.reward.stats[name] = RunningStats(**saved)
+
+    def _run_identity(self) -> dict[str, Any]:
+        """What a checkpoint's tokens belong to: a resumed run must match it."""
+        return {"mode": self.mode, "prompts": list(self.prompts), "tokens": asdict(self.token_config),
+                "layout": self.layout, "prompt_attention": self.prompt_attention}
 
     def _compute_so_far(self) -> dict[str, Any]:
         return {**self.compute, "fit_seconds": self.compute["fit_seconds"] + time.perf_counter() - self._fit_started}

@@ -122,6 +122,20 @@ def test_running_normalisation_statistics_survive_a_resume(tiny_sd_dir, tiny_cli
     assert resumed.reward.stats["clip_score"] == RunningStats(count=2, mean=2.0, m2=2.0)
 
 
+def test_a_checkpoint_of_other_prompts_is_refused(tiny_sd_dir, tiny_clip_dir):
+    module = make_module(tiny_sd_dir, tiny_clip_dir)
+    module.prepare(PROMPTS)
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    same = make_module(tiny_sd_dir, tiny_clip_dir)
+    same.prepare(PROMPTS)
+    same.on_load_checkpoint(checkpoint)
+    other = make_module(tiny_sd_dir, tiny_clip_dir)
+    other.prepare(["a yellow circle", *PROMPTS[1:]])  # as many prompts, one changed
+    with pytest.raises(UserError, match="other prompts .*first 'a red circle on the left'.*start a new run folder"):
+        other.on_load_checkpoint(checkpoint)
+
+
 def test_nan_reward_is_a_clear_error(tiny_sd_dir, tiny_clip_dir, tmp_path):
     module = make_module(tiny_sd_dir, tiny_clip_dir)
     module.prepare(PROMPTS)
