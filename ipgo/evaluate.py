@@ -12,15 +12,20 @@ prompt and keeps the one the *selection reward* (the one optimised) likes best; 
 prompt, so both spend the same sampling compute (IPGO's extra backward through K steps is
 not counted, which favours best-of-N).
 
-`metrics.json` (schema_version 1):
+`metrics.json` (schema_version 2):
     settings: prompts, seeds, rewards, selection_reward, best_of_n, bootstrap, tie_tolerance
     methods: {name: {kind: raw|ipgo|best_of_n, tokens, compute (fit_seconds, peak_memory_bytes,
               memory_kind, device, sampler_calls_per_prompt), flags,
               rewards: {reward: {n, mean, stderr, wins, ties, losses, win_rate, win_rate_ci}}}}
-              (win counts compare with the raw prompt on the same prompt and seed; a tie is a
-              difference within tie_tolerance; win_rate = wins / n; win_rate_ci: 95% bootstrap
-              interval over (prompt, seed) pairs; raw has no win fields)
+              (stderr: over prompt means, null with one prompt; win counts compare with the raw
+              prompt on the same prompt and seed; a tie is a difference within tie_tolerance;
+              win_rate = wins / n; win_rate_ci: 95% bootstrap interval resampling prompts with
+              all their seeds, widened to the Wilson interval over prompts where that is wider;
+              raw has no win fields)
     images: [{method, prompt, seed, scores: {reward: value}, candidate_seed (best-of-N only)}]
+
+Version 1 (until the eighth session) resampled (prompt, seed) pairs as if independent, took the
+standard error over all images, and drew best-of-N's candidates without the evaluation seed.
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ BEST_OF_N_SEEDS = 2**30
 
 
 def candidate_seeds(seed: int, n: int) -> list[int]:
-    """The N candidate seeds best-of-N draws for one evaluation seed."""
-    return [BEST_OF_N_SEEDS + seed * n + j for j in range(n)]
+    """The N candidate seeds best-of-N draws for one evaluation seed: the seed itself (the raw prompt's own
+    image, so best-of-N is paired with it), then N - 1 more."""
+    return [seed] + [BEST_OF_N_SEEDS + seed * n + j for j in range(n - 1)]
 
 
 def matched_n(tokens: TokenFile) -> int:
@@ -60,22 +66,38 @@ def matched_n(tokens: TokenFile) -> int:
 
 
 def win_statistics(method: Tensor, raw: Tensor, tie_tolerance: float, bootstrap: int, seed: int = 0) -> dict:
-    """Wins, ties, losses against raw on paired scores, and a bootstrap CI of the win rate."""
+    """Wins, ties, losses against raw on paired scores (prompts, seeds), and a 95% interval of the win rate.
+
+    The seeds of one prompt are not independent, so the interval resamples prompts (with all their seeds),
+    and it is never narrower than the Wilson score interval over the prompts (the bootstrap's collapses to a
+    point when every pair wins).
+    """
     diff = method - raw
     wins, ties = diff > tie_tolerance, diff.abs() <= tie_tolerance
-    n = diff.numel()
+    n, prompts = diff.numel(), diff.shape[0]
     generator = torch.Generator().manual_seed(seed)
-    resampled = wins.float()[torch.randint(n, (bootstrap, n), generator=generator)].mean(dim=1)
+    per_prompt = wins.float().mean(dim=1)
+    resampled = per_prompt[torch.randint(prompts, (bootstrap, prompts), generator=generator)].mean(dim=1)
     low, high = torch.quantile(resampled, torch.tensor([0.025, 0.975])).tolist()
+    rate = float(wins.float().mean())
+    wilson_low, wilson_high = wilson_interval(rate, prompts)
     return {"wins": int(wins.sum()), "ties": int(ties.sum()), "losses": int(n - wins.sum() - ties.sum()),
-            "win_rate": float(wins.float().mean()), "win_rate_ci": [low, high]}
+            "win_rate": rate, "win_rate_ci": [min(low, wilson_low), max(high, wilson_high)]}
+
+
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion `rate` observed over `n` trials."""
+    centre = (rate + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z / (1 + z**2 / n) * math.sqrt(rate * (1 - rate) / n + z**2 / (4 * n**2))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def summary_statistics(scores: Tensor) -> dict:
-    """n, mean and standard error of the mean."""
-    n = scores.numel()
-    stderr = float(scores.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    return {"n": n, "mean": float(scores.mean()), "stderr": stderr}
+    """n, mean and standard error of the mean of scores (prompts, seeds); the standard error is over prompt
+    means (seeds of a prompt are not independent), None with one prompt."""
+    prompts = scores.shape[0]
+    stderr = float(scores.mean(dim=1).std(unbiased=True) / math.sqrt(prompts)) if prompts > 1 else None
+    return {"n": scores.numel(), "mean": float(scores.mean()), "stderr": stderr}
 
 
 @torch.no_grad()
@@ -159,6 +181,11 @@ def evaluate(
     # everything that can be checked without weights is checked before any model loads
     reward = build_reward(rewards)
     optimised = json.loads(first.extra.get("rewards", "[]"))
+    if selection_reward is None and len(optimised) > 1 and best_of_n != "off":
+        raise UserError(
+            f"the run optimised a combination of rewards ({', '.join(optimised)}); best-of-N selects with one: "
+            "set --selection_reward NAME"
+        )
     selector = selection_reward or (optimised[0] if optimised else None)
     n = 0 if best_of_n == "off" else (matched_n(first) if best_of_n == "auto" else int(best_of_n))
     if n < 0:
@@ -272,10 +299,9 @@ def _metrics(named: dict[str, str], token_files: dict[str, TokenFile], scores: d
             entry["tokens"] = named[method]
             entry["compute"] = json.loads(token_files[method].extra.get("compute", "{}"))
         for reward_name, values in by_reward.items():
-            stats = summary_statistics(values.flatten())
+            stats = summary_statistics(values)
             if kind != "raw":
-                stats.update(win_statistics(values.flatten(), scores["raw"][reward_name].flatten(), tie_tolerance,
-                                            bootstrap))
+                stats.update(win_statistics(values, scores["raw"][reward_name], tie_tolerance, bootstrap))
             entry["rewards"][reward_name] = stats
         methods[method] = entry
         for i, prompt in enumerate(prompts):
@@ -285,7 +311,7 @@ def _metrics(named: dict[str, str], token_files: dict[str, TokenFile], scores: d
                 if kind == "best_of_n":
                     record["candidate_seed"] = chosen[(i, j)]
                 images.append(record)
-    return {"schema_version": 1, "methods": methods, "images": images}
+    return {"schema_version": 2, "methods": methods, "images": images}
 
 
 def report_markdown(metrics: dict[str, Any]) -> str:
@@ -295,18 +321,21 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         "# ipgo evaluation", "",
         f"{len(settings['prompts'])} prompts x {len(settings['seeds'])} seeds {settings['seeds']}; every method "
         "renders the same prompts and seeds. Win rates compare with the raw prompt on the same prompt and seed "
-        f"(ties: |difference| <= {settings['tie_tolerance']}), with 95% bootstrap intervals "
-        f"({settings['bootstrap']} resamples).",
+        f"(ties: |difference| <= {settings['tie_tolerance']}), with 95% intervals that resample prompts "
+        f"({settings['bootstrap']} resamples; never narrower than the Wilson interval over prompts). Standard "
+        "errors are over prompt means.",
     ]
     if settings["best_of_n"]:
         lines.append(f"best_of_{settings['best_of_n']}: the raw prompt's best of {settings['best_of_n']} samples "
-                     f"by `{settings['selection_reward']}` (matched sampling compute).")
+                     f"by `{settings['selection_reward']}` (matched sampling compute), its own seed's image "
+                     "among them.")
     for reward in settings["rewards"]:
         lines += ["", f"## {reward}", "", "| method | mean ± s.e. | wins / ties / losses | win rate [95% CI] |",
                   "|---|---:|---:|---:|"]
         for method, entry in metrics["methods"].items():
             stats = entry["rewards"][reward]
-            row = f"| {method} | {stats['mean']:.4f} ± {stats['stderr']:.4f} | "
+            stderr = "—" if stats["stderr"] is None else f"{stats['stderr']:.4f}"
+            row = f"| {method} | {stats['mean']:.4f} ± {stderr} | "
             if "wins" in stats:
                 low, high = stats["win_rate_ci"]
                 row += (f"{stats['wins']} / {stats['ties']} / {stats['losses']} | "

@@ -66,14 +66,32 @@ def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path):
             stats = metrics["methods"][method]["rewards"][reward]
             assert len(pairs) == 6 and stats["wins"] == wins and stats["win_rate"] == pytest.approx(wins / 6)
             assert stats["win_rate_ci"][0] <= stats["win_rate"] <= stats["win_rate_ci"][1]
+    # best-of-N is paired with the raw prompt (its own seed is a candidate), so it never loses on its selector
+    assert metrics["methods"][f"best_of_{n}"]["rewards"]["clip_score"]["losses"] == 0
     # best-of-N kept the candidate with the highest selection-reward score among its N
     record = next(i for i in images if i["method"] == f"best_of_{n}")
     candidates = candidate_seeds(record["seed"], n)
+    assert candidates[0] == record["seed"] and len(set(candidates)) == n
     assert record["candidate_seed"] in candidates
     scores = module.score([record["prompt"]], candidates)[0]  # the run's reward is clip_score on tiny:clip
     assert record["candidate_seed"] == candidates[int(scores.argmax())]
     assert record["scores"]["clip_score"] == pytest.approx(float(scores.max()), abs=1e-5)
     assert metrics["methods"]["ipgo"]["compute"]["fit_seconds"] > 0
+
+
+def test_win_rate_intervals_resample_prompts():
+    from ipgo.evaluate import summary_statistics, wilson_interval, win_statistics
+
+    raw = torch.zeros(4, 3)
+    every = win_statistics(torch.ones(4, 3), raw, 1e-6, 200)
+    assert every["win_rate"] == 1 and every["win_rate_ci"] == [pytest.approx(wilson_interval(1.0, 4)[0]), 1.0]
+    assert every["win_rate_ci"][0] < 0.6  # four prompts: far from certain, though all 12 pairs won
+    # two prompts win on every seed, two lose on every seed: prompts, not pairs, are the unit
+    split = torch.tensor([[1.0] * 3, [1.0] * 3, [-1.0] * 3, [-1.0] * 3])
+    stats = win_statistics(split, raw, 1e-6, 2000)
+    assert stats["win_rate"] == 0.5 and stats["win_rate_ci"][0] < 0.15 and stats["win_rate_ci"][1] > 0.85
+    assert summary_statistics(split)["stderr"] == pytest.approx(float(torch.tensor([1.0, 1, -1, -1]).std()) / 2)
+    assert summary_statistics(split[:1])["stderr"] is None
 
 
 def test_training_seeds_are_refused_or_flagged(run, tmp_path):
@@ -119,6 +137,8 @@ def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tm
     sampler = json.loads(tokens.extra["sampler"])
     tokens.extra["sampler"] = json.dumps({**sampler, "guidance_scale": sampler["guidance_scale"] + 1})
     other = save_tokens(tmp_path / "other.safetensors", tokens)
+    tokens.extra.update(sampler=json.dumps(sampler), rewards=json.dumps(["clip_score", "aesthetic"]))
+    combined = save_tokens(tmp_path / "combined.safetensors", tokens)
 
     def no_loading(self):
         raise AssertionError("a reward loaded before the input was checked")
@@ -127,6 +147,7 @@ def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tm
     cases = [
         (dict(methods=[f"ipgo={run_dir}", f"other={other}"]), "different sampler settings"),
         (dict(methods=[f"ipgo={run_dir}"], bootstrap=0), "at least 1 resample"),
+        (dict(methods=[f"ipgo={combined}"]), "combination of rewards .* set --selection_reward"),
         (dict(methods=[f"ipgo={run_dir}"], selection_reward="aesthetic"), "not among the rewards scored"),
         (dict(methods=[f"ipgo={run_dir}"], model=str(tmp_path / "missing")), "missing"),
     ]
