@@ -129,7 +129,7 @@ def evaluate(
     tie_tolerance: float = 1e-6,
     model: str | None = None,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str | None = None,
     allow_training_seeds: bool = False,
     allow_training_prompts: bool = False,
 ) -> dict[str, Any]:
@@ -149,7 +149,7 @@ def evaluate(
         tie_tolerance: score differences up to this count as ties.
         model: base model id or folder; default: the one in the token files.
         device: torch device.
-        dtype: float32, float16 or bfloat16.
+        dtype: float32, float16 or bfloat16; default: the one the first method was trained in.
         allow_training_seeds: evaluate on seeds used in optimisation too (flagged in the outputs).
         allow_training_prompts: evaluate prompt-batch tokens on their training prompts (flagged).
     """

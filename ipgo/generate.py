@@ -72,8 +72,9 @@ def sampler_settings(tokens: TokenFile) -> dict[str, Any]:
     return json.loads(tokens.extra["sampler"])
 
 
-def load_pipeline(tokens: TokenFile, model: str | None = None, device: str = "cpu", dtype: str = "float32") -> Any:
-    """The family's diffusers pipeline for the tokens' base model (or `model`), scheduler as in training."""
+def load_pipeline(tokens: TokenFile, model: str | None = None, device: str = "cpu", dtype: str | None = None) -> Any:
+    """The family's diffusers pipeline for the tokens' base model (or `model`), scheduler and dtype as in training
+    (`dtype` overrides the recorded one; files without one are float32)."""
     import diffusers
 
     from ipgo.backbones.base import check_model_source, load_error, torch_dtype
@@ -96,7 +97,7 @@ def load_pipeline(tokens: TokenFile, model: str | None = None, device: str = "cp
             )
         if tokens.family == "sd3" and (config.get("text_encoder_3") or [None])[0] is None:
             extra = {"text_encoder_3": None, "tokenizer_3": None}  # a checkpoint without T5
-        pipe = cls.from_pretrained(source, dtype=torch_dtype(dtype), **extra)
+        pipe = cls.from_pretrained(source, dtype=torch_dtype(dtype or tokens.extra.get("dtype", "float32")), **extra)
     except OSError as error:
         raise load_error(name, "pipeline", error) from error
     settings = sampler_settings(tokens)
@@ -163,7 +164,7 @@ def generate(
     out: str = "generated",
     model: str | None = None,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str | None = None,
     allow_training_seeds: bool = False,
 ) -> Renders:
     """Render raw and tuned prompts on the same seeds.
@@ -175,7 +176,7 @@ def generate(
         out: output folder.
         model: base model id or folder; default: the one recorded in the token file.
         device: torch device, e.g. "cuda".
-        dtype: float32, float16 or bfloat16.
+        dtype: float32, float16 or bfloat16; default: the one the tokens were trained in.
         allow_training_seeds: allow seeds the tokens were trained on (recorded in images.json).
     """
     token_file = load_tokens(tokens)

@@ -594,6 +594,7 @@ class IPGOModule(L.LightningModule):
         t5_length = getattr(self.backbone, "max_sequence_length", None)
         return {
             **({} if t5_length is None else {"max_sequence_length": str(t5_length)}),
+            "dtype": self.backbone.dtype_name,  # generate and evaluate render in it too
             "rewards": json.dumps(getattr(self.reward, "names", [self.reward.name])),
             "compute": json.dumps(self.compute_record()),
             "sampler": json.dumps(asdict(self.sampler_config)),

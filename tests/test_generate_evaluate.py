@@ -79,6 +79,18 @@ def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path):
     assert metrics["methods"]["ipgo"]["compute"]["fit_seconds"] > 0
 
 
+def test_pipelines_load_in_the_dtype_the_tokens_were_trained_in(run):
+    from ipgo.export import load_tokens
+    from ipgo.generate import load_pipeline
+
+    run_dir, _ = run
+    tokens = load_tokens(run_dir)
+    assert tokens.extra["dtype"] == "float32"
+    tokens.extra["dtype"] = "bfloat16"  # as a bfloat16 run records it
+    assert load_pipeline(tokens).unet.dtype == torch.bfloat16
+    assert load_pipeline(tokens, dtype="float32").unet.dtype == torch.float32  # an explicit --dtype wins
+
+
 def test_win_rate_intervals_resample_prompts():
     from ipgo.evaluate import summary_statistics, wilson_interval, win_statistics
 
