@@ -125,3 +125,29 @@ def test_sd3_tokens_carry_their_t5_length_into_the_pipeline(ipgo_cache, tiny_cli
     cond, *_ = conditioning(module.backbone, PROMPTS, prefix, suffix)
     assert embeds["prompt_embeds"].shape == cond.hidden.shape == (2, 77 + 77, 64)
     assert torch.allclose(embeds["prompt_embeds"], cond.hidden.to(embeds["prompt_embeds"].dtype))
+
+
+def test_sdxl_decodes_with_the_vaes_latent_statistics_as_its_pipeline(ipgo_cache, tiny_clip_dir, tmp_path):
+    """VAEs with latents_mean / latents_std in their config (Playground-v2.5 style) decode as the pipeline does."""
+    import json
+    import shutil
+
+    folder = tmp_path / "sdxl"
+    shutil.copytree(tiny_sdxl_path(ipgo_cache), folder)
+    config_path = folder / "vae/config.json"
+    config = json.loads(config_path.read_text())
+    channels = config["latent_channels"]
+    config.update(latents_mean=[0.3 * (c + 1) for c in range(channels)], latents_std=[0.5 + c for c in range(channels)])
+    config_path.write_text(json.dumps(config))
+    module = IPGOModule(
+        StableDiffusionXL(str(folder)), ClipScore(str(tiny_clip_dir)),
+        tokens=TokenConfig(n_prefix=1, n_suffix=1, rank=2),
+        sampler=SamplerConfig(scheduler="euler", num_steps=2, grad_steps=1, guidance_scale=4.0, height=32, width=32),
+    )
+    module.prepare(PROMPTS)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe.scheduler = make_scheduler("euler", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPTS, generator=[torch.Generator().manual_seed(3) for _ in PROMPTS], height=32, width=32,
+                  num_inference_steps=2, guidance_scale=4.0, output_type="pt").images
+    assert torch.allclose(module.render(PROMPTS, [3]), theirs.float(), atol=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from ipgo.backbones.base import Backbone, Conditioning, DType, encode_clip
@@ -64,7 +65,16 @@ class StableDiffusion(Backbone):
         return decode_vae(self._loaded(self.vae), latents)
 
 
-def decode_vae(vae: Any, latents: Tensor, shift: float = 0.0) -> Tensor:
-    """Images in [0, 1] from latents as diffusers pipelines decode them: x / scaling + shift."""
-    scaled = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+def decode_vae(vae: Any, latents: Tensor, shift: float = 0.0, latent_statistics: bool = False) -> Tensor:
+    """Images in [0, 1] from latents as diffusers pipelines decode them: x / scaling + shift, or with
+    `latent_statistics` (the SDXL pipeline) x * std / scaling + mean where the VAE's config has
+    `latents_mean` and `latents_std` (Playground-v2.5-style VAEs)."""
+    config, latents = vae.config, latents.to(vae.dtype)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if latent_statistics and mean is not None and std is not None:
+        mean, std = (torch.tensor(v, dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1)
+                     for v in (mean, std))
+        scaled = latents * std / config.scaling_factor + mean
+    else:
+        scaled = latents / config.scaling_factor + shift
     return (vae.decode(scaled, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)

@@ -55,7 +55,9 @@ class StableDiffusionXL(Backbone):
         self.unet = self._load_weights(UNet2DConditionModel, "unet", "UNet")
         vae_config = AutoencoderKL.load_config(self.source, subfolder="vae", revision=self.revision)
         upcast = vae_config.get("force_upcast", True) and self.dtype == torch.float16
-        self.vae = self._load_weights(AutoencoderKL, "vae", "VAE", dtype=torch.float32 if upcast else None)
+        self.vae = self._load_weights(AutoencoderKL, "vae", "VAE")
+        if upcast:  # as the pipeline does: its float16 weights, run in float32 (the same image as the pipeline's)
+            self.vae.to(torch.float32)
         self._load_configs()
         if self.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -88,4 +90,4 @@ class StableDiffusionXL(Backbone):
                     return_dict=False)[0]
 
     def decode(self, latents: Tensor) -> Tensor:
-        return decode_vae(self._loaded(self.vae), latents)
+        return decode_vae(self._loaded(self.vae), latents, latent_statistics=True)
