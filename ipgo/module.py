@@ -46,9 +46,6 @@ from ipgo.rewards.combine import (
 from ipgo.sampling import SamplerConfig, TruncatedSampler, initial_noise
 from ipgo.tokens import TokenConfig, TokenSets
 
-__all__ = ["IPGOModule", "NonFiniteRewardError", "SeedConfig"]
-
-
 Mode = Literal["prompt-wise", "prompt-batch"]
 
 
