@@ -20,8 +20,8 @@ not counted, which favours best-of-N).
               (stderr: over prompt means, null with one prompt; win counts compare with the raw
               prompt on the same prompt and seed; a tie is a difference within tie_tolerance;
               win_rate = wins / n; win_rate_ci: 95% bootstrap interval resampling prompts with
-              all their seeds, widened to the Wilson interval over prompts where that is wider;
-              raw has no win fields)
+              all their seeds; the Wilson interval over prompts where every prompt has the same
+              win rate; raw has no win fields)
     images: [{method, prompt, seed, scores: {reward: value}, candidate_seed (best-of-N only)}]
 
 Version 1 (until the eighth session) resampled (prompt, seed) pairs as if independent, took the
@@ -68,9 +68,9 @@ def matched_n(tokens: TokenFile) -> int:
 def win_statistics(method: Tensor, raw: Tensor, tie_tolerance: float, bootstrap: int, seed: int = 0) -> dict:
     """Wins, ties, losses against raw on paired scores (prompts, seeds), and a 95% interval of the win rate.
 
-    The seeds of one prompt are not independent, so the interval resamples prompts (with all their seeds),
-    and it is never narrower than the Wilson score interval over the prompts (the bootstrap's collapses to a
-    point when every pair wins).
+    The seeds of one prompt are not independent, so the interval resamples prompts (with all their seeds).
+    Where every prompt has the same win rate (all pairs won, say) that collapses to a point; then the Wilson
+    score interval over the prompts is given instead.
     """
     diff = method - raw
     wins, ties = diff > tie_tolerance, diff.abs() <= tie_tolerance
@@ -80,9 +80,10 @@ def win_statistics(method: Tensor, raw: Tensor, tie_tolerance: float, bootstrap:
     resampled = per_prompt[torch.randint(prompts, (bootstrap, prompts), generator=generator)].mean(dim=1)
     low, high = torch.quantile(resampled, torch.tensor([0.025, 0.975])).tolist()
     rate = float(wins.float().mean())
-    wilson_low, wilson_high = wilson_interval(rate, prompts)
+    if low == high:
+        low, high = wilson_interval(rate, prompts)
     return {"wins": int(wins.sum()), "ties": int(ties.sum()), "losses": int(n - wins.sum() - ties.sum()),
-            "win_rate": rate, "win_rate_ci": [min(low, wilson_low), max(high, wilson_high)]}
+            "win_rate": rate, "win_rate_ci": [low, high]}
 
 
 def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -159,6 +160,10 @@ def evaluate(
     _check_same_model(token_files)
     seed_list = parse_seeds(seeds)
     prompt_list = _prompts(prompts, token_files)
+    repeated = sorted({p for p in prompt_list if prompt_list.count(p) > 1})
+    if repeated:
+        raise UserError(f"the prompt {repeated[0]!r} is listed more than once ({len(repeated)} prompts repeat), so "
+                        "it would count twice in every mean and interval: remove the repeated lines")
     flags: dict[str, list[str]] = {}
     for name, tokens in token_files.items():
         used = check_held_out(tokens, seed_list, allow_training_seeds)
@@ -322,8 +327,8 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         f"{len(settings['prompts'])} prompts x {len(settings['seeds'])} seeds {settings['seeds']}; every method "
         "renders the same prompts and seeds. Win rates compare with the raw prompt on the same prompt and seed "
         f"(ties: |difference| <= {settings['tie_tolerance']}), with 95% intervals that resample prompts "
-        f"({settings['bootstrap']} resamples; never narrower than the Wilson interval over prompts). Standard "
-        "errors are over prompt means.",
+        f"({settings['bootstrap']} resamples; the Wilson interval over prompts where every prompt has the same "
+        "win rate). Standard errors are over prompt means.",
     ]
     if settings["best_of_n"]:
         lines.append(f"best_of_{settings['best_of_n']}: the raw prompt's best of {settings['best_of_n']} samples "
