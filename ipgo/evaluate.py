@@ -20,8 +20,8 @@ not counted, which favours best-of-N).
               (stderr: over prompt means, null with one prompt; win counts compare with the raw
               prompt on the same prompt and seed; a tie is a difference within tie_tolerance;
               win_rate = wins / n; win_rate_ci: 95% bootstrap interval resampling prompts with
-              all their seeds; the Wilson interval over prompts where every prompt has the same
-              win rate; raw has no win fields)
+              all their seeds, widened to the Wilson interval over prompts where that is wider;
+              raw has no win fields)
     images: [{method, prompt, seed, scores: {reward: value}, candidate_seed (best-of-N only)}]
 
 Version 1 (until the eighth session) resampled (prompt, seed) pairs as if independent, took the
@@ -68,9 +68,9 @@ def matched_n(tokens: TokenFile) -> int:
 def win_statistics(method: Tensor, raw: Tensor, tie_tolerance: float, bootstrap: int, seed: int = 0) -> dict:
     """Wins, ties, losses against raw on paired scores (prompts, seeds), and a 95% interval of the win rate.
 
-    The seeds of one prompt are not independent, so the interval resamples prompts (with all their seeds).
-    Where every prompt has the same win rate (all pairs won, say) that collapses to a point; then the Wilson
-    score interval over the prompts is given instead.
+    The seeds of one prompt are not independent, so the interval resamples prompts (with all their seeds),
+    and it is never narrower than the Wilson score interval over the prompts: the percentile bootstrap over
+    a few prompts is too narrow, down to a point when every pair wins.
     """
     diff = method - raw
     wins, ties = diff > tie_tolerance, diff.abs() <= tie_tolerance
@@ -80,10 +80,9 @@ def win_statistics(method: Tensor, raw: Tensor, tie_tolerance: float, bootstrap:
     resampled = per_prompt[torch.randint(prompts, (bootstrap, prompts), generator=generator)].mean(dim=1)
     low, high = torch.quantile(resampled, torch.tensor([0.025, 0.975])).tolist()
     rate = float(wins.float().mean())
-    if low == high:
-        low, high = wilson_interval(rate, prompts)
+    wilson_low, wilson_high = wilson_interval(rate, prompts)
     return {"wins": int(wins.sum()), "ties": int(ties.sum()), "losses": int(n - wins.sum() - ties.sum()),
-            "win_rate": rate, "win_rate_ci": [low, high]}
+            "win_rate": rate, "win_rate_ci": [min(low, wilson_low), max(high, wilson_high)]}
 
 
 def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -186,15 +185,13 @@ def evaluate(
     # everything that can be checked without weights is checked before any model loads
     reward = build_reward(rewards)
     optimised = json.loads(first.extra.get("rewards", "[]"))
-    if selection_reward is None and len(optimised) > 1 and best_of_n != "off":
+    n = _candidates(best_of_n, first)
+    if n and selection_reward is None and len(optimised) > 1:
         raise UserError(
             f"the run optimised a combination of rewards ({', '.join(optimised)}); best-of-N selects with one: "
             "set --selection_reward NAME"
         )
     selector = selection_reward or (optimised[0] if optimised else None)
-    n = 0 if best_of_n == "off" else (matched_n(first) if best_of_n == "auto" else int(best_of_n))
-    if n < 0:
-        raise UserError(f"best_of_n={n}: give a number of candidates >= 1, 'auto' or 'off'")
     if n and selector not in reward.names:
         raise UserError(
             f"best-of-N selects with the optimised reward {selector!r}, which is not among the rewards "
@@ -231,6 +228,21 @@ def evaluate(
     write_text(out_dir / "report.md", report)
     print(report)
     return metrics
+
+
+def _candidates(best_of_n: int | str, tokens: TokenFile) -> int:
+    """N of best-of-N: a number >= 0 (0: off), "auto" (matched to the run's sampler calls) or "off"."""
+    if best_of_n == "off":
+        return 0
+    if best_of_n == "auto":
+        return matched_n(tokens)
+    try:
+        n = int(best_of_n)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0:
+        raise UserError(f"best_of_n={best_of_n!r}: give a number of candidates (0 for none), 'auto' or 'off'")
+    return n
 
 
 def _parse_methods(methods: list[str]) -> dict[str, str]:
@@ -327,8 +339,8 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         f"{len(settings['prompts'])} prompts x {len(settings['seeds'])} seeds {settings['seeds']}; every method "
         "renders the same prompts and seeds. Win rates compare with the raw prompt on the same prompt and seed "
         f"(ties: |difference| <= {settings['tie_tolerance']}), with 95% intervals that resample prompts "
-        f"({settings['bootstrap']} resamples; the Wilson interval over prompts where every prompt has the same "
-        "win rate). Standard errors are over prompt means.",
+        f"({settings['bootstrap']} resamples; never narrower than the Wilson interval over prompts). Standard "
+        "errors are over prompt means.",
     ]
     if settings["best_of_n"]:
         lines.append(f"best_of_{settings['best_of_n']}: the raw prompt's best of {settings['best_of_n']} samples "

@@ -13,7 +13,7 @@ as textual inversion (that format is for the *input* embedding table); they reac
 pipeline through `prompt_embeds` / `negative_prompt_embeds`, built by `token_embeds`:
 
     pipe = StableDiffusionPipeline.from_pretrained(...)
-    ipgo.apply_tokens(pipe, "runs/demo/tokens.safetensors")
+    ipgo.apply_tokens(pipe, "runs/prompt_batch/tokens.safetensors")   # shared tokens: any prompt
     image = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0)).images[0]
 """
 
@@ -170,12 +170,11 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
 
 def _check_shapes(tokens: TokenFile, metadata: dict[str, str], path: Path) -> None:
     """The tensors must be what the metadata says: width, token counts, one row per prompt-wise prompt."""
-    dims = 3 if tokens.per_prompt else 2
     expected = {"prefix": int(metadata["n_prefix"]), "suffix": int(metadata["n_suffix"])}
+    rows = [len(tokens.prompts)] if tokens.per_prompt else []
     for name, tensor in (("prefix", tokens.prefix), ("suffix", tokens.suffix)):
-        rows = [len(tokens.prompts)] if tokens.per_prompt else []
         shape = (*rows, expected[name], tokens.hidden_size)
-        if tensor.dim() != dims or tuple(tensor.shape) != shape:
+        if tuple(tensor.shape) != shape:
             raise TokenFileError(
                 f"{str(path)!r} is damaged: its {name} has shape {tuple(tensor.shape)}, but its metadata "
                 f"({tokens.mode}, {len(tokens.prompts or [])} prompts, hidden size {tokens.hidden_size}) needs "
@@ -201,7 +200,9 @@ def token_embeds(
     negatives = None
     if negative_prompt is not None:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    if tokens.layout == "unpadded" and len(set(backbone.token_lengths(prompts))) > 1:
+    reserved = tokens.prefix.shape[-2] + tokens.suffix.shape[-2]
+    lengths = backbone.encode(prompts, reserved, tokens.too_long).lengths  # after any truncation
+    if tokens.layout == "unpadded" and len(set(lengths.tolist())) > 1:
         raise UserError(
             "these tokens use the unpadded layout, so prompts of different token lengths cannot share one pipeline "
             "call (the shorter ones would be stretched with filler states and give other images): call the "
@@ -227,8 +228,6 @@ def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
     tokens = tokens if isinstance(tokens, TokenFile) else load_tokens(tokens)
     backbone = backbone_for_pipeline(pipe)
     tokens.check_fits(backbone.family, backbone.hidden_size, backbone.model)
-    if "max_sequence_length" in tokens.extra and hasattr(backbone, "max_sequence_length"):
-        backbone.max_sequence_length = int(tokens.extra["max_sequence_length"])  # SD 3: the T5 length trained with
     remove_tokens(pipe)
     original = pipe.encode_prompt
     signature = inspect.signature(original)
@@ -249,6 +248,7 @@ def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
     pipe.encode_prompt = encode_prompt
     pipe._ipgo_original_encode_prompt = original
     return pipe
+
 
 def remove_tokens(pipe: Any) -> Any:
     """Undo `apply_tokens`. Returns `pipe`."""

@@ -1,6 +1,6 @@
 """`python -m ipgo.generate`: render raw and tuned prompts on the same seeds through a diffusers pipeline.
 
-    python -m ipgo.generate --tokens runs/demo --seeds 0-7 --out generated/
+    python -m ipgo.generate --tokens runs/demo --seeds 1000-1007 --out generated/
 
 The pipeline is the family's ordinary diffusers pipeline with the token file applied
 (`ipgo.apply_tokens`): the path a user takes, and the single source of truth for evaluation.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,16 @@ def sampler_settings(tokens: TokenFile) -> dict[str, Any]:
     return json.loads(tokens.extra["sampler"])
 
 
+def _recorded_dtype(tokens: TokenFile, device: str) -> str:
+    """The dtype the tokens were trained in; float32 on a CPU for float16 runs (slow or missing kernels there)."""
+    recorded = tokens.extra.get("dtype", "float32")
+    if recorded == "float16" and torch.device(device).type == "cpu":
+        warnings.warn("the tokens were trained in float16, which the CPU does not run well: rendering in float32 "
+                      "(images differ slightly from training; pass --dtype float16 to insist)", stacklevel=3)
+        return "float32"
+    return recorded
+
+
 def load_pipeline(tokens: TokenFile, model: str | None = None, device: str = "cpu", dtype: str | None = None) -> Any:
     """The family's diffusers pipeline for the tokens' base model (or `model`), scheduler and dtype as in training
     (`dtype` overrides the recorded one; files without one are float32)."""
@@ -97,7 +108,7 @@ def load_pipeline(tokens: TokenFile, model: str | None = None, device: str = "cp
             )
         if tokens.family == "sd3" and (config.get("text_encoder_3") or [None])[0] is None:
             extra = {"text_encoder_3": None, "tokenizer_3": None}  # a checkpoint without T5
-        pipe = cls.from_pretrained(source, dtype=torch_dtype(dtype or tokens.extra.get("dtype", "float32")), **extra)
+        pipe = cls.from_pretrained(source, dtype=torch_dtype(dtype or _recorded_dtype(tokens, device)), **extra)
     except OSError as error:
         raise load_error(name, "pipeline", error) from error
     settings = sampler_settings(tokens)
@@ -188,6 +199,7 @@ def generate(
         prompt_list = list(token_file.prompts)
     else:
         raise UserError("these are shared (prompt-batch) tokens: give the prompts to render with --prompts FILE")
+    token_file.tokens_for(prompt_list)  # a prompt-wise file must hold every prompt: checked before loading
     pipe = load_pipeline(token_file, model, device, dtype)
     renders = Renders(prompt_list, seed_list, render(pipe, token_file, prompt_list, seed_list, tuned=False),
                       render(pipe, token_file, prompt_list, seed_list, tuned=True))

@@ -103,12 +103,25 @@ class BestTokens(nn.Module):
         components = components.detach().float().to(self.reward.device)
         self.first[index] = torch.where(self.first[index].isnan(), reward, self.first[index])
         self.last[index] = reward
-        better = ~torch.isfinite(self.reward[index]) | (combine(components) > combine(self.components[index]))
+        stored = self.components[index]
+        known = ~stored.isnan().any(dim=-1)  # unknown: resumed from a checkpoint that did not keep components
+        better = ~torch.isfinite(self.reward[index]) | torch.where(
+            known, combine(components) > combine(stored), reward > self.reward[index])
         rows = index[better]
         self.reward[rows] = reward[better]
         self.components[rows] = components[better]
         self.prefix[rows] = prefix.detach().float()[better]
         self.suffix[rows] = suffix.detach().float()[better]
+
+
+def _difference(key: str, saved: Any, current: Any) -> str:
+    """One line of what differs between a checkpoint's run and this one."""
+    if key != "prompts":
+        return f"{key} {saved!r} there, {current!r} here"
+    first = next((k for k, (a, b) in enumerate(zip(saved, current)) if a != b), min(len(saved), len(current)))
+    there, here = (p[first] if first < len(p) else None for p in (saved, current))
+    return (f"{len(saved)} prompts there, {len(current)} here, the first difference at prompt {first + 1}: "
+            f"{there!r} there, {here!r} here")
 
 
 class IPGOModule(L.LightningModule):
@@ -501,15 +514,19 @@ class IPGOModule(L.LightningModule):
             checkpoint["ipgo_reward_statistics"] = {name: asdict(s) for name, s in self.reward.stats.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved, current = checkpoint.get("ipgo_run"), self._run_identity()
-        if saved is not None and saved != current:
-            differs = ", ".join(k for k in current if saved.get(k) != current[k])
+        saved, current = checkpoint.get("ipgo_run", {}), self._run_identity()
+        differences = [_difference(key, saved[key], value) for key, value in current.items()
+                       if key in saved and saved[key] != value]
+        if differences:
             raise UserError(
-                f"the checkpoint was saved by a run with other {differs} (it has {len(saved['prompts'])} prompts, "
-                f"the first {saved['prompts'][0]!r}; this run has {len(current['prompts'])}, the first "
-                f"{current['prompts'][0]!r}), so its tokens would be applied to the wrong prompts or shapes: "
-                "resume with the run's own config (its config.yaml) or start a new run folder"
+                f"the checkpoint was saved by another run: {'; '.join(differences)}. Its tokens would go to the "
+                "wrong prompts or shapes: resume with the run's own config (its config.yaml) or start a new run folder"
             )
+        state = checkpoint.get("state_dict", {})
+        if "best.reward" in state and "best.components" not in state:  # saved before components were kept
+            reward = state["best.reward"]
+            state["best.components"] = (torch.full((len(reward), len(self.reward.names)), torch.nan)
+                                        if isinstance(self.reward, CombinedReward) else reward[:, None].clone())
         self.compute = dict(checkpoint.get("ipgo_compute", self.compute))
         if isinstance(self.reward, CombinedReward):  # a resumed run normalises as if it had not stopped
             for name, saved in checkpoint.get("ipgo_reward_statistics", {}).items():
@@ -517,8 +534,11 @@ class IPGOModule(L.LightningModule):
 
     def _run_identity(self) -> dict[str, Any]:
         """What a checkpoint's tokens belong to: a resumed run must match it."""
-        return {"mode": self.mode, "prompts": list(self.prompts), "tokens": asdict(self.token_config),
-                "layout": self.layout, "prompt_attention": self.prompt_attention}
+        shape = {key: getattr(self.token_config, key) for key in ("n_prefix", "n_suffix", "rank", "rotation_angles",
+                                                                   "bias")}
+        rewards = list(self.reward.names) if isinstance(self.reward, CombinedReward) else [self.reward.name]
+        return {"mode": self.mode, "prompts": list(self.prompts), "tokens": shape, "layout": self.layout,
+                "prompt_attention": self.prompt_attention, "rewards": rewards}
 
     def _compute_so_far(self) -> dict[str, Any]:
         return {**self.compute, "fit_seconds": self.compute["fit_seconds"] + time.perf_counter() - self._fit_started}

@@ -89,15 +89,22 @@ def test_pipelines_load_in_the_dtype_the_tokens_were_trained_in(run):
     tokens.extra["dtype"] = "bfloat16"  # as a bfloat16 run records it
     assert load_pipeline(tokens).unet.dtype == torch.bfloat16
     assert load_pipeline(tokens, dtype="float32").unet.dtype == torch.float32  # an explicit --dtype wins
+    tokens.extra["dtype"] = "float16"
+    with pytest.warns(UserWarning, match="trained in float16.*rendering in float32"):
+        assert load_pipeline(tokens, device="cpu").unet.dtype == torch.float32
 
 
 def test_win_rate_intervals_resample_prompts():
     from ipgo.evaluate import summary_statistics, wilson_interval, win_statistics
 
-    raw = torch.zeros(4, 3)
-    every = win_statistics(torch.ones(4, 3), raw, 1e-6, 200)
+    raw = torch.zeros(4, 8)
+    every = win_statistics(torch.ones(4, 8), raw, 1e-6, 200)
     assert every["win_rate"] == 1 and every["win_rate_ci"] == [pytest.approx(wilson_interval(1.0, 4)[0]), 1.0]
-    assert every["win_rate_ci"][0] < 0.6  # four prompts: far from certain, though all 12 pairs won
+    assert every["win_rate_ci"][0] < 0.6  # four prompts: far from certain, though all 32 pairs won
+    one_lost = torch.ones(4, 8)
+    one_lost[0, 0] = -1
+    assert win_statistics(one_lost, raw, 1e-6, 200)["win_rate_ci"][0] <= every["win_rate_ci"][0]  # never narrower
+    raw = torch.zeros(4, 3)
     # two prompts win on every seed, two lose on every seed: prompts, not pairs, are the unit
     split = torch.tensor([[1.0] * 3, [1.0] * 3, [-1.0] * 3, [-1.0] * 3])
     stats = win_statistics(split, raw, 1e-6, 2000)
@@ -162,6 +169,7 @@ def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tm
         (dict(methods=[f"ipgo={run_dir}"], prompts=str(twice)), "'a red circle' is listed more than once"),
         (dict(methods=[f"ipgo={run_dir}", f"other={other}"]), "different sampler settings"),
         (dict(methods=[f"ipgo={run_dir}"], bootstrap=0), "at least 1 resample"),
+        (dict(methods=[f"ipgo={run_dir}"], best_of_n="many"), "best_of_n='many'"),
         (dict(methods=[f"ipgo={combined}"]), "combination of rewards .* set --selection_reward"),
         (dict(methods=[f"ipgo={run_dir}"], selection_reward="aesthetic"), "not among the rewards scored"),
         (dict(methods=[f"ipgo={run_dir}"], model=str(tmp_path / "missing")), "missing"),

@@ -132,8 +132,28 @@ def test_a_checkpoint_of_other_prompts_is_refused(tiny_sd_dir, tiny_clip_dir):
     same.on_load_checkpoint(checkpoint)
     other = make_module(tiny_sd_dir, tiny_clip_dir)
     other.prepare(["a yellow circle", *PROMPTS[1:]])  # as many prompts, one changed
-    with pytest.raises(UserError, match="other prompts .*first 'a red circle on the left'.*start a new run folder"):
+    message = "3 prompts there, 3 here, the first difference at prompt 1: 'a red circle on the left' there, 'a yellow"
+    with pytest.raises(UserError, match=f"{message}.*start a new run folder"):
         other.on_load_checkpoint(checkpoint)
+    ranks = make_module(tiny_sd_dir, tiny_clip_dir)
+    ranks.token_config = TokenConfig(n_prefix=2, n_suffix=2, rank=3)
+    ranks.prepare(PROMPTS)
+    with pytest.raises(UserError, match="tokens .*'rank': 4.* there, .*'rank': 3.* here"):
+        ranks.on_load_checkpoint(checkpoint)
+
+
+def test_best_tokens_survive_a_checkpoint_without_components(tiny_sd_dir, tiny_clip_dir):
+    """Checkpoints of earlier versions keep the best reward but not its components: the next step is compared
+    with that reward, not with zeros."""
+    module = make_module(tiny_sd_dir, tiny_clip_dir)
+    module.prepare(PROMPTS)
+    state = {"best.reward": torch.tensor([0.9, 0.9, 0.9]), "best.prefix": torch.full((3, 2, 32), 7.0)}
+    module.on_load_checkpoint({"state_dict": state})
+    module.load_state_dict(state, strict=False)
+    token = torch.zeros(3, 2, 32)
+    module.best.update(torch.arange(3), torch.tensor([0.5, 0.95, 0.5]), torch.tensor([[0.5], [0.95], [0.5]]), token,
+                       token, module._combine)
+    assert module.best.prefix[:, 0, 0].tolist() == [7.0, 0.0, 7.0]  # only the better step replaced its best
 
 
 def test_nan_reward_is_a_clear_error(tiny_sd_dir, tiny_clip_dir, tmp_path):
