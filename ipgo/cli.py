@@ -23,7 +23,7 @@ from ipgo.module import IPGOModule
 
 
 class RunFolderExistsError(UserError, FileExistsError):
-    """A fresh run pointed at a folder that already holds a finished run."""
+    """A fresh run pointed at a folder that already holds a run."""
 
 
 class IPGOCLI(LightningCLI):
@@ -48,6 +48,8 @@ class IPGOCLI(LightningCLI):
         kwargs["default_root_dir"] = str(run_dir)
         kwargs["inference_mode"] = False  # the multi-process prompt-wise path optimises inside predict
         callbacks = list(config.get("callbacks") or [])
+        if config.get("logger") is not False:  # the learning-rate monitor needs a logger
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             # an explicit folder, so that `--ckpt_path last` finds it before the trainer is set up
             callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0))
@@ -60,7 +62,6 @@ def trainer_defaults() -> dict[str, Any]:
         "default_root_dir": "runs/ipgo",
         "log_every_n_steps": 1,
         "num_sanity_val_steps": 0,
-        "callbacks": [LearningRateMonitor(logging_interval="step")],
     }
 
 
@@ -84,11 +85,19 @@ def main(args: list[str] | None = None) -> IPGOCLI:
     )
     run_dir = Path(cli.trainer.default_root_dir)
     ckpt_path = cli.config.get("ckpt_path")
+    last = run_dir / "checkpoints" / "last.ckpt"
     if ckpt_path is None and (run_dir / "tokens.safetensors").exists():
         raise RunFolderExistsError(
             f"{run_dir} already holds a finished run (tokens.safetensors). Choose a new folder with "
             "--trainer.default_root_dir, or resume with --ckpt_path last."
         )
+    if ckpt_path is None and last.exists():
+        raise RunFolderExistsError(
+            f"{run_dir} holds an unfinished run ({last}): resume it with --ckpt_path last, or choose a new folder "
+            "with --trainer.default_root_dir."
+        )
+    if ckpt_path == "last" and not last.exists():
+        raise UserError(f"--ckpt_path last: there is no {last} to resume; leave --ckpt_path out to start the run")
     if cli.model.prompt_wise and cli.trainer.world_size > 1:
         # several processes: each optimises its own prompts with a local optimiser (see IPGOModule.predict_step)
         if ckpt_path is not None:
@@ -96,6 +105,12 @@ def main(args: list[str] | None = None) -> IPGOCLI:
         cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
     else:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        if cli.trainer.is_global_zero and not (run_dir / "summary.json").exists():
+            # resumed after its last epoch (the outputs failed before, e.g. out of memory): Lightning skips the
+            # training loop and its end hook, so the outputs are written here
+            from ipgo.report import write_run_outputs
+
+            write_run_outputs(cli.model, run_dir)
     return cli
 
 

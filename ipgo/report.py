@@ -86,9 +86,9 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
             "best_step_mean": float(module.best.reward.mean()),
             "exported": module.select,
         }
-    write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     text = summary_markdown(summary)
     write_text(run_dir / "summary.md", text)
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")  # last: it marks a finished run
     print("\n" + text)
     return summary
 

@@ -56,11 +56,30 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     assert checkpoint["state_dict"] and all(k.startswith(("tokens.", "best.")) for k in checkpoint["state_dict"])
     # the first part's metrics survive the resume
     first, second = (resumed / "csv/version_0/metrics.csv").read_text(), (resumed / "csv/version_1/metrics.csv")
-    assert first.count("\n") > 2 and second.is_file()
+    assert first.count("\n") > 2 and second.is_file() and "lr-Adam" in first.splitlines()[0]
     # a finished run folder is not overwritten by a fresh run
     with pytest.raises(SystemExit) as exit_info:
         run([*QUICK, "--trainer.default_root_dir", str(resumed)])
     assert exit_info.value.code == 2
+
+
+def test_a_run_whose_outputs_failed_is_finished_by_resuming(tmp_path, capsys):
+    """The outputs come after the last epoch (rendering can run out of memory there): resuming writes them."""
+    folder = tmp_path / "run"
+    main([*QUICK, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(folder)])
+    for name in ("tokens.safetensors", "summary.json", "summary.md"):
+        (folder / name).unlink()  # as if the run had failed while writing its outputs
+    with pytest.raises(SystemExit):
+        run([*QUICK, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(folder)])
+    assert "holds an unfinished run" in capsys.readouterr().err  # a fresh run would overwrite its checkpoint
+    main([*QUICK, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(folder), "--ckpt_path", "last"])
+    assert (folder / "summary.json").is_file() and (folder / "tokens.safetensors").is_file()
+    with pytest.raises(SystemExit):
+        run([*QUICK, "--trainer.default_root_dir", str(tmp_path / "empty"), "--ckpt_path", "last"])
+    assert "there is no" in capsys.readouterr().err
+    main([*QUICK, "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.default_root_dir",
+          str(tmp_path / "no_logger")])  # no logger: no learning-rate monitor either
+    assert (tmp_path / "no_logger/summary.json").is_file()
 
 
 def bad_input(args, capsys):
