@@ -1,7 +1,9 @@
 """Prompt files and the PromptDataModule.
 
 Prompt files: `.txt` (one prompt per line, blank lines skipped), `.csv` and `.jsonl` (one
-prompt per row, read from `column`; "prompt" when not given).
+prompt per row, read from `column`; "prompt" when not given), UTF-8 with or without a byte-order
+mark. A prompt may appear once: a repeat would be optimised twice, or count twice, or fall on
+both sides of a validation split.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
     if suffix == ".txt":
         if column is not None:
             raise PromptFileError(f"{path.name} is a .txt file (one prompt per line): remove data.column")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [line.strip() for line in _lines(path)]
     elif suffix in (".csv", ".jsonl"):
         rows = _rows(path, suffix)
         key = column or "prompt"
@@ -46,20 +48,36 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
     prompts = [p for p in prompts if p]
     if not prompts:
         raise PromptFileError(f"prompt file {str(path)!r} has no prompts: add one prompt per line (or row)")
+    seen: dict[str, int] = {}
+    for number, prompt in enumerate(prompts, 1):
+        if prompt in seen:
+            raise PromptFileError(
+                f"{path.name}: prompt {number} repeats prompt {seen[prompt]} ({prompt!r}); a prompt may appear once "
+                "(a repeat would be optimised twice, or fall on both sides of a validation split): remove it"
+            )
+        seen[prompt] = number
     return prompts
 
 
+def _lines(path: Path) -> list[str]:
+    """Lines split at newlines only (not at the other characters `str.splitlines` breaks on), without a BOM."""
+    return path.read_text(encoding="utf-8-sig").replace("\r\n", "\n").split("\n")
+
+
 def _rows(path: Path, suffix: str) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
     if suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+        with path.open(encoding="utf-8-sig", newline="") as handle:  # newline="": quoted fields may span lines
+            return list(csv.DictReader(handle))
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(_lines(path), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise PromptFileError(f"{path.name} line {number} is not valid JSON: {error.msg}") from None
+            if not isinstance(row, dict):
+                raise PromptFileError(f'{path.name} line {number} is not a JSON object: write {{"prompt": "..."}}')
+            rows.append(row)
     return rows
 
 

@@ -159,10 +159,6 @@ def evaluate(
     _check_same_model(token_files)
     seed_list = parse_seeds(seeds)
     prompt_list = _prompts(prompts, token_files)
-    repeated = sorted({p for p in prompt_list if prompt_list.count(p) > 1})
-    if repeated:
-        raise UserError(f"the prompt {repeated[0]!r} is listed more than once ({len(repeated)} prompts repeat), so "
-                        "it would count twice in every mean and interval: remove the repeated lines")
     flags: dict[str, list[str]] = {}
     for name, tokens in token_files.items():
         used = check_held_out(tokens, seed_list, allow_training_seeds)

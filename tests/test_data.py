@@ -12,6 +12,11 @@ def test_prompt_sources(tmp_path):
     assert read_prompts(tmp_path / "p.csv", column="caption") == ["a cat, sleeping", "a dog"]
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p, "n": 1}) for p in ["x", "y"]) + "\n")
     assert read_prompts(tmp_path / "p.jsonl") == ["x", "y"]
+    # as spreadsheet programs write them: a byte-order mark, CRLF, a quoted field over two lines
+    (tmp_path / "excel.csv").write_bytes('\ufeffprompt,id\r\n"a cat\r\non a mat",1\r\na dog,2\r\n'.encode())
+    assert read_prompts(tmp_path / "excel.csv") == ["a cat\r\non a mat", "a dog"]
+    (tmp_path / "bom.txt").write_bytes("\ufeffa cat\r\na dog\u2028at night\r\n".encode())
+    assert read_prompts(tmp_path / "bom.txt") == ["a cat", "a dog\u2028at night"]  # only newlines split prompts
 
 
 @pytest.mark.parametrize(("name", "text", "column", "message"), [
@@ -20,6 +25,8 @@ def test_prompt_sources(tmp_path):
     ("p.txt", "a cat\n", "prompt", "remove data.column"),
     ("p.json", "[]", None, "use .txt, .csv or .jsonl"),
     ("p.txt", " \n\n", None, "has no prompts"),
+    ("p.txt", "a cat\na dog\na cat\n", None, "prompt 3 repeats prompt 1 "),
+    ("p.jsonl", '"a cat"\n', None, "line 1 is not a JSON object"),
 ])
 def test_bad_prompt_files(tmp_path, name, text, column, message):
     (tmp_path / name).write_text(text)
