@@ -57,7 +57,7 @@ def measure(out: str) -> dict[str, Any]:
     _, held_out = caption_split()
     texts = [c for c in held_out for _ in EVAL_SEEDS]
     metrics: dict[str, Any] = {"held_out_captions": len(held_out), "seeds": list(EVAL_SEEDS),
-                               "sampler": "DDIM 20 steps", "accuracy": {}}
+                               "sampler": f"{type(pipe.scheduler).__name__} 20 steps", "accuracy": {}}
     samples = {}
     for guidance in (1.0, 2.0, 3.0, 5.0):
         samples[guidance] = sample(pipe, held_out, EVAL_SEEDS, guidance)
