@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from ipgo.errors import UserError
+from ipgo.errors import ConfigError, UserError
 
 
 class PromptFileError(UserError, ValueError):
@@ -121,11 +121,11 @@ class PromptDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if limit is not None and limit < 1:
-            raise ValueError(f"limit must be >= 1 (or left out for every prompt), got {limit}")
+            raise ConfigError(f"limit must be >= 1 (or left out for every prompt), got {limit}")
         if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.path = prompts
         self.column = column
         self.batch_size = batch_size
@@ -143,7 +143,7 @@ class PromptDataModule(L.LightningDataModule):
         order = list(range(len(prompts)))
         n_val = round(len(prompts) * self.val_fraction)
         if self.val_fraction and (n_val == 0 or n_val == len(prompts)):
-            raise ValueError(
+            raise ConfigError(
                 f"val_fraction={self.val_fraction} of {len(prompts)} prompts leaves an empty split; "
                 "use more prompts or another fraction"
             )

@@ -11,6 +11,10 @@ class UserError(Exception):
     """Bad input with a message that names the problem and the fix."""
 
 
+class ConfigError(UserError, ValueError):
+    """A setting that cannot work (a command line prints its message, not a traceback)."""
+
+
 class NonFiniteRewardError(UserError, FloatingPointError):
     """A reward that came back NaN or infinite."""
 

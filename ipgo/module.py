@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ipgo.backbones.base import Backbone, TooLong, check_prompt_lengths
-from ipgo.errors import NonFiniteRewardError, UserError
+from ipgo.errors import ConfigError, NonFiniteRewardError, UserError
 from ipgo.export import TokenFile
 from ipgo.files import atomic_path
 from ipgo.inject import Layout, conditioning, conformity
@@ -62,9 +62,9 @@ class SeedConfig:
 
     def __post_init__(self) -> None:
         if not self.train:
-            raise ValueError("seeds.train is empty: give at least one seed")
+            raise ConfigError("seeds.train is empty: give at least one seed")
         if set(self.train) & set(self.eval):
-            raise ValueError(
+            raise ConfigError(
                 f"seeds.eval {sorted(set(self.train) & set(self.eval))} are also training seeds; held-out "
                 "seeds must differ from seeds.train"
             )
@@ -177,7 +177,7 @@ class IPGOModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if mode not in ("prompt-wise", "prompt-batch"):
-            raise ValueError(f"unknown mode {mode!r}; choose 'prompt-wise' or 'prompt-batch'")
+            raise ConfigError(f"unknown mode {mode!r}; choose 'prompt-wise' or 'prompt-batch'")
         self.save_hyperparameters(ignore=["backbone", "reward", "rewards", "judges", "optimizer", "lr_scheduler"])
         self.backbone = backbone
         if (reward is None) == (rewards is None):
@@ -208,7 +208,7 @@ class IPGOModule(L.LightningModule):
         self.report_prompts = report_prompts
         self.image_every_n_epochs = image_every_n_epochs
         if prompt_attention and mode != "prompt-batch":
-            raise ValueError("prompt_attention (IPGO+) is a prompt-batch variant: set mode=prompt-batch")
+            raise ConfigError("prompt_attention (IPGO+) is a prompt-batch variant: set mode=prompt-batch")
         self.prompt_attention = prompt_attention
         self.strict_loading = False  # checkpoints hold only the tokens
         self.compute = {"fit_seconds": 0.0, "images_rendered": 0}  # the optimisation's cost, kept across resumes
@@ -228,7 +228,7 @@ class IPGOModule(L.LightningModule):
         if self.tokens is not None:
             return
         if self.prompt_wise and val_prompts:
-            raise ValueError(
+            raise ConfigError(
                 "prompt-wise tokens are made for their own prompts, so a validation split has nothing to "
                 "measure: set data.val_fraction=0 (held-out seeds are in model.seeds.eval)"
             )
@@ -267,7 +267,7 @@ class IPGOModule(L.LightningModule):
     def configure_model(self) -> None:
         datamodule = self.trainer.datamodule
         if datamodule is None:
-            raise ValueError("IPGOModule needs a PromptDataModule: pass datamodule=... to trainer.fit")
+            raise ConfigError("IPGOModule needs a PromptDataModule: pass datamodule=... to trainer.fit")
         self.prepare(datamodule.train_prompts, datamodule.val_prompts)
 
     def configure_optimizers(self) -> Any:
@@ -282,7 +282,7 @@ class IPGOModule(L.LightningModule):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         if self.prompt_wise and self.trainer.accumulate_grad_batches != 1:
-            raise ValueError(
+            raise ConfigError(
                 "prompt-wise optimisation steps each prompt's own tokens every epoch; gradient accumulation "
                 "does not apply: remove trainer.accumulate_grad_batches"
             )
@@ -339,7 +339,7 @@ class IPGOModule(L.LightningModule):
         with the tokens a single-process `fit` gives it.
         """
         if not self.prompt_wise or self.lr_interval != "epoch":
-            raise ValueError("the multi-process path is prompt-wise only, with lr_interval=epoch")
+            raise ConfigError("the multi-process path is prompt-wise only, with lr_interval=epoch")
         prompts, index = list(batch["prompt"]), batch["index"]
         params = [p for i in index.tolist() for p in self.tokens.sets[i].parameters()]
         optimizer = self.optimizer_factory(params)

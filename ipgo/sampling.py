@@ -33,6 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from ipgo.backbones.base import Backbone, Conditioning
+from ipgo.errors import ConfigError
 
 SchedulerName = Literal["ddim", "euler", "lms", "dpmpp_2m", "flow_euler"]
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -53,16 +54,16 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
     try:
         cls, overrides = SCHEDULERS[name]
     except KeyError:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}") from None
+        raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}") from None
     flow_model = str(config.get("_class_name", "")).startswith("FlowMatch")
     if flow_model != (name == "flow_euler"):
         kind = "a flow-matching model (SD 3): use scheduler flow_euler" if flow_model else (
             "a diffusion model: flow_euler is for flow-matching models (SD 3)")
-        raise ValueError(f"scheduler {name!r} does not fit {kind}")
+        raise ConfigError(f"scheduler {name!r} does not fit {kind}")
     if config.get("rescale_betas_zero_snr") and not _zero_snr_capable(cls):
         # it would silently sample a noise schedule the model was not trained on
         fitting = ", ".join(n for n, (c, _) in SCHEDULERS.items() if _zero_snr_capable(c))
-        raise ValueError(f"scheduler {name!r} cannot sample this zero-terminal-SNR model (rescale_betas_zero_snr); "
+        raise ConfigError(f"scheduler {name!r} cannot sample this zero-terminal-SNR model (rescale_betas_zero_snr); "
                          f"choose one of {fitting}")
     return cls.from_config(config, **overrides)
 
@@ -86,13 +87,13 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         if self.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+            raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
         if not 0 < self.grad_steps <= self.num_steps:
-            raise ValueError(f"need 0 < grad_steps <= num_steps, got {self.grad_steps} and {self.num_steps}")
+            raise ConfigError(f"need 0 < grad_steps <= num_steps, got {self.grad_steps} and {self.num_steps}")
         if self.height < 8 or self.width < 8:
-            raise ValueError(f"height and width must be >= 8, got {self.height}x{self.width}")
+            raise ConfigError(f"height and width must be >= 8, got {self.height}x{self.width}")
 
 
 def initial_noise(backbone: Backbone, config: SamplerConfig, seeds: Sequence[int], device: Any) -> Tensor:

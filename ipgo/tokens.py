@@ -28,6 +28,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ipgo.errors import ConfigError
+
 InitKind = Literal["uniform", "normal", "zeros"]
 
 
@@ -56,20 +58,20 @@ class TokenConfig:
 
     def __post_init__(self) -> None:
         if self.n_prefix < 0 or self.n_suffix < 0:
-            raise ValueError(f"n_prefix and n_suffix must be >= 0, got {self.n_prefix}, {self.n_suffix}")
+            raise ConfigError(f"n_prefix and n_suffix must be >= 0, got {self.n_prefix}, {self.n_suffix}")
         if self.n_prefix + self.n_suffix == 0:
-            raise ValueError("n_prefix + n_suffix is 0: there is nothing to learn; set at least one > 0")
+            raise ConfigError("n_prefix + n_suffix is 0: there is nothing to learn; set at least one > 0")
         if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+            raise ConfigError(f"rank must be >= 1, got {self.rank}")
         if self.bound <= 0:
-            raise ValueError(f"bound must be > 0, got {self.bound}")
+            raise ConfigError(f"bound must be > 0, got {self.bound}")
         if not 0 <= self.init_scale <= 1:
-            raise ValueError(
+            raise ConfigError(
                 f"init_scale must be in [0, 1], got {self.init_scale}: initial coefficients would start outside "
                 "the bound |z| <= bound (to start wider, raise bound)"
             )
         if self.rotation_angles < 0:
-            raise ValueError(f"rotation_angles must be >= 0, got {self.rotation_angles}")
+            raise ConfigError(f"rotation_angles must be >= 0, got {self.rotation_angles}")
 
     @classmethod
     def notebook(cls) -> TokenConfig:
@@ -92,7 +94,7 @@ def rotate(tokens: Tensor, angles: Tensor) -> Tensor:
     """Apply R(theta) to tokens (..., D) with angles (..., a); see the module docstring."""
     dim = tokens.shape[-1]
     if dim % 2:
-        raise ValueError(f"the rotation needs an even hidden size, got {dim}")
+        raise ConfigError(f"the rotation needs an even hidden size, got {dim}")
     for k in range(angles.shape[-1]):
         cos, sin = torch.cos(angles[..., k, None]), torch.sin(angles[..., k, None])
         x = tokens if k % 2 == 0 else torch.roll(tokens, shifts=-1, dims=-1)
@@ -109,7 +111,7 @@ class TokenSide(nn.Module):
     def __init__(self, n_tokens: int, dim: int, config: TokenConfig, generator: torch.Generator) -> None:
         super().__init__()
         if config.rank > dim:
-            raise ValueError(f"rank {config.rank} exceeds the hidden size {dim}: E (D x m) needs m <= D")
+            raise ConfigError(f"rank {config.rank} exceeds the hidden size {dim}: E (D x m) needs m <= D")
         self.n_tokens = n_tokens
         b, s = config.bound, config.init_scale
         self.basis = nn.Parameter(torch.randn(dim, config.rank, generator=generator))
@@ -120,7 +122,7 @@ class TokenSide(nn.Module):
         elif config.init == "zeros":
             coeffs = torch.zeros(n_tokens, config.rank)
         else:
-            raise ValueError(f"unknown init {config.init!r}; choose uniform, normal or zeros")
+            raise ConfigError(f"unknown init {config.init!r}; choose uniform, normal or zeros")
         self.coeffs = nn.Parameter(coeffs)
         self.angles = nn.Parameter(torch.zeros(n_tokens, config.rotation_angles))
         self.bias = nn.Parameter(torch.zeros(dim)) if config.bias else None

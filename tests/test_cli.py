@@ -104,6 +104,8 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
         (["--data.prompts", str(long), "--model.too_long", "error"], "has 74 tokens but only 69 fit"),
         (["--model.sampler.scheduler", "heunn"], "heunn"),
         (["--model.backbone.init_args.model", "tiny:sd7"], "unknown tiny model 'tiny:sd7'"),
+        (["--model.prompt_attention", "true"], "prompt_attention (IPGO+) is a prompt-batch variant"),
+        (["--data.val_fraction", "0.5"], "set data.val_fraction=0"),
     ]
     for args, message in cases:
         err = bad_input([*args, "--trainer.default_root_dir", out], capsys)

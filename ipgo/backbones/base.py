@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from ipgo.errors import UserError
+from ipgo.errors import ConfigError, UserError
 
 DType = Literal["float32", "float16", "bfloat16"]
 TooLong = Literal["error", "truncate"]
@@ -111,7 +111,7 @@ def torch_dtype(name: DType) -> torch.dtype:
     try:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose float32, float16 or bfloat16") from None
+        raise ConfigError(f"unknown dtype {name!r}; choose float32, float16 or bfloat16") from None
 
 
 class PromptTooLongError(UserError, ValueError):
@@ -139,7 +139,7 @@ def check_prompt_lengths(
     if too_long == "truncate":
         warnings.warn(f"{what}: truncating to {budget} tokens (model.too_long=truncate).", stacklevel=3)
         return
-    raise ValueError(f"unknown too_long policy {too_long!r}; choose 'error' or 'truncate'")
+    raise ConfigError(f"unknown too_long policy {too_long!r}; choose 'error' or 'truncate'")
 
 
 @torch.no_grad()
@@ -361,7 +361,7 @@ class Backbone(nn.Module, ABC):
     def _check_size(self, height: int, width: int) -> int:
         factor = self.vae_scale_factor
         if height % factor or width % factor:
-            raise ValueError(f"height and width must be multiples of {factor} for {self.model!r}")
+            raise ConfigError(f"height and width must be multiples of {factor} for {self.model!r}")
         return factor
 
     @property
