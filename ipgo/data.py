@@ -11,11 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ipgo.errors import ConfigError, UserError
 
@@ -81,6 +83,24 @@ def _rows(path: Path, suffix: str) -> list[dict[str, Any]]:
     return rows
 
 
+class EpochShuffle(Sampler[int]):
+    """A new order of the training prompts each epoch, fixed by (seed, epoch): a resumed run sees the orders
+    that an uninterrupted one would (Lightning calls `set_epoch` at the start of every epoch)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class PromptDataset(Dataset):
     """Items {"index": position in the prompt list, "prompt": text}."""
 
@@ -104,7 +124,8 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: prompts per optimisation step (prompt-wise: optimised together, each with
             its own tokens; prompt-batch: one step of the shared tokens).
         val_fraction: share of prompts held out for validation (prompt-batch only).
-        shuffle: shuffle training prompts every epoch (prompt-batch).
+        shuffle: shuffle training prompts every epoch (prompt-batch), in an order fixed by split_seed and the
+            epoch (a resumed run sees the orders an uninterrupted one would).
         split_seed: seed of the train/validation split.
         limit: use only the first `limit` prompts of the file.
     """
@@ -154,7 +175,8 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = PromptDataset(self.train_prompts, list(range(len(self.train_prompts))))
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=self.shuffle)
+        sampler = EpochShuffle(len(dataset), self.split_seed) if self.shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
 
     def predict_dataloader(self) -> DataLoader:
         """The training prompts in file order: the multi-process prompt-wise path optimises them here."""

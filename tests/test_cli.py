@@ -63,6 +63,18 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     assert exit_info.value.code == 2
 
 
+@pytest.mark.slow
+def test_a_resumed_shuffled_prompt_batch_run_sees_the_same_orders(tmp_path):
+    batch = [*QUICK, "--data.limit", "3", "--model.mode", "prompt-batch", "--data.shuffle", "true",
+             "--data.batch_size", "1", "--model.seeds.policy", "fresh"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main([*batch, "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(straight)])
+    main([*batch, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(resumed)])
+    main([*batch, "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(resumed), "--ckpt_path", "last"])
+    a, b = load_file(straight / "tokens.safetensors"), load_file(resumed / "tokens.safetensors")
+    assert (a["prefix"] - b["prefix"]).abs().max() < 1e-6
+
+
 def test_a_run_whose_outputs_failed_is_finished_by_resuming(tmp_path, capsys):
     """The outputs come after the last epoch (rendering can run out of memory there): resuming writes them."""
     folder = tmp_path / "run"

@@ -53,3 +53,15 @@ def test_split_is_disjoint_deterministic_and_complete(tmp_path):
         PromptDataModule(str(path), limit=1, val_fraction=0.2).setup()
     with pytest.raises(ValueError, match="limit must be >= 1"):
         PromptDataModule(str(path), limit=0)
+
+
+def test_shuffled_orders_depend_on_seed_and_epoch_only():
+    from ipgo.data import EpochShuffle
+
+    def order(seed, epoch):
+        sampler = EpochShuffle(10, seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(0, 3) == order(0, 3) and sorted(order(0, 3)) == list(range(10))
+    assert order(0, 0) != order(0, 1) and order(0, 1) != order(1, 1)
