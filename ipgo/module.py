@@ -529,8 +529,8 @@ class IPGOModule(L.LightningModule):
                                         if isinstance(self.reward, CombinedReward) else reward[:, None].clone())
         self.compute = dict(checkpoint.get("ipgo_compute", self.compute))
         if isinstance(self.reward, CombinedReward):  # a resumed run normalises as if it had not stopped
-            for name, saved in checkpoint.get("ipgo_reward_statistics", {}).items():
-                self.reward.stats[name] = RunningStats(**saved)
+            for name, statistics in checkpoint.get("ipgo_reward_statistics", {}).items():
+                self.reward.stats[name] = RunningStats(**statistics)
 
     def _run_identity(self) -> dict[str, Any]:
         """What a checkpoint's tokens belong to: a resumed run must match it."""
