@@ -200,14 +200,6 @@ def token_embeds(
     negatives = None
     if negative_prompt is not None:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    reserved = tokens.prefix.shape[-2] + tokens.suffix.shape[-2]
-    lengths = backbone.encode(prompts, reserved, tokens.too_long).lengths  # after any truncation
-    if tokens.layout == "unpadded" and len(set(lengths.tolist())) > 1:
-        raise UserError(
-            "these tokens use the unpadded layout, so prompts of different token lengths cannot share one pipeline "
-            "call (the shorter ones would be stretched with filler states and give other images): call the "
-            "pipeline once per prompt"
-        )
     prefix, suffix = tokens.tokens_for(prompts)
     cond, uncond, *_ = conditioning(backbone, prompts, prefix, suffix, tokens.layout, tokens.too_long, negatives,
                                     prompt_attention=tokens.prompt_attention)

@@ -8,9 +8,10 @@ conditioning sequence is
     cond = [ P ; h[:L] ; Q ; h[L : L + total - n_p - L - n_s] ]      (length `total`)
 
 `layout="padded"` keeps total = S, the length the denoiser was trained with.
-`layout="unpadded"` (the published notebook) uses total = n_p + L + n_s, for a batch the
-longest such length; shorter rows are filled with their own padding states. Either way
-n_p + L + n_s <= S must hold (the backbone truncates or rejects longer prompts).
+`layout="unpadded"` (the published notebook) uses total = n_p + L + n_s, so the prompts of one
+`conditioning` call must share L: a shorter row stretched to a longer one's length would see
+filler states after its suffix (cross-attention has no mask) and give other images than alone.
+Either way n_p + L + n_s <= S must hold (the backbone truncates or rejects longer prompts).
 
 Classifier-free guidance uses the model family's unconditional branch with no learned
 tokens, cut to the same length: uncond = h_empty[:total] (SDXL: zeros, as its pipeline does).
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ipgo.backbones.base import Backbone, Conditioning, PromptEmbeds, TooLong
+from ipgo.errors import UserError
 
 Layout = Literal["padded", "unpadded"]
 
@@ -116,6 +118,11 @@ def conditioning(
     """
     n_p, n_s = prefix.shape[1], suffix.shape[1]
     embeds = backbone.encode(prompts, reserved=n_p + n_s, too_long=too_long)
+    if layout == "unpadded" and len(set(embeds.lengths.tolist())) > 1:
+        raise UserError(
+            "with the unpadded layout, prompts of different token lengths cannot share one call (the shorter ones "
+            "would be stretched with filler states and give other images): call once per prompt, or per length"
+        )
     total = sequence_length(embeds.lengths, n_p, n_s, backbone.sequence_length, layout)
     device = embeds.hidden.device
     prefix, suffix = prefix.to(device), suffix.to(device)

@@ -311,13 +311,12 @@ class IPGOModule(L.LightningModule):
         images, penalty = self._sample(prompts, prefix, suffix, seeds, self.layout, self.too_long,
                                        self.prompt_attention)
         rewards = self.reward(images, [p for p in prompts for _ in range(n_seeds)]).view(len(prompts), n_seeds)
-        self._last_rewards = rewards
         self._check_finite(rewards, prompts)
         reward = rewards.mean(dim=1)  # (B,)
         losses = -reward + self.conformity_weight * penalty
         loss = losses.sum() if self.prompt_wise else losses.mean()
         if self.best is not None:
-            self.best.update(index, reward, self._components(len(prompts)), prefix, suffix, self._combine)
+            self.best.update(index, reward, self._components(rewards), prefix, suffix, self._combine)
         self.compute["images_rendered"] += len(prompts) * n_seeds
         if log:
             size = len(prompts)
@@ -391,13 +390,13 @@ class IPGOModule(L.LightningModule):
             merged["images_rendered"] += shard["compute"]["images_rendered"]
         self.compute, self._fit_started = merged, time.perf_counter()
 
-    def _components(self, batch: int) -> Tensor:
-        """Raw reward components (batch, n_components) of the last scoring, mean over seeds."""
-        if isinstance(self.reward, CombinedReward):
-            scores = torch.stack([self.reward.components[name] for name in self.reward.names], dim=-1)
-        else:
-            scores = self._last_rewards.reshape(-1, 1)
-        return scores.detach().float().view(batch, -1, scores.shape[-1]).mean(dim=1)
+    def _components(self, rewards: Tensor) -> Tensor:
+        """Raw reward components (batch, n_components) of the scoring that gave `rewards` (batch, seeds), mean
+        over seeds."""
+        if not isinstance(self.reward, CombinedReward):
+            return rewards.detach().float().mean(dim=1, keepdim=True)
+        scores = torch.stack([self.reward.components[name] for name in self.reward.names], dim=-1)
+        return scores.detach().float().view(*rewards.shape, -1).mean(dim=1)
 
     def _combine(self, components: Tensor) -> Tensor:
         """Comparable totals of raw components (..., n_components) on the current normalisation."""
@@ -453,9 +452,8 @@ class IPGOModule(L.LightningModule):
         """Images (len(seeds), 3, H, W) of the prompts with these tokens, for `seeds` given prompt-major (the same
         number per prompt), and each prompt's conformity penalty (len(prompts),).
 
-        With the unpadded layout, prompts of different token lengths go through the denoiser separately: stretched
-        to a longer prompt's length, a row would see filler states after its suffix (cross-attention has no mask),
-        and a prompt's images would depend on the prompts batched with it.
+        With the unpadded layout, prompts of different token lengths go through the denoiser separately (see
+        `ipgo.inject`), so a prompt's images do not depend on the prompts batched with it.
         """
         n = len(seeds) // len(prompts)
         images: list[Tensor] = [torch.empty(0)] * len(prompts)
