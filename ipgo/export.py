@@ -193,9 +193,9 @@ def token_embeds(
     SDXL and SD 3, the pooled pair) with the learned tokens applied."""
     tokens = tokens if isinstance(tokens, TokenFile) else load_tokens(tokens)
     backbone = backbone_for_pipeline(pipe)
-    tokens.check_fits(backbone.family, backbone.hidden_size, backbone.model)
     if "max_sequence_length" in tokens.extra and hasattr(backbone, "max_sequence_length"):
         backbone.max_sequence_length = int(tokens.extra["max_sequence_length"])  # SD 3: the T5 length trained with
+    tokens.check_fits(backbone.family, backbone.hidden_size, backbone.model)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = None
     if negative_prompt is not None:

@@ -131,6 +131,8 @@ class Renders:
 def render(pipe: Any, tokens: TokenFile, prompts: Sequence[str], seeds: Sequence[int], tuned: bool = True) -> Tensor:
     """Images (len(prompts), len(seeds), 3, H, W) from `pipe` on the given seeds, with or without the tokens."""
     settings = sampler_settings(tokens)
+    # SD 3: raw prompts too are encoded at the T5 length the tokens were trained with.
+    family_settings = {key: int(tokens.extra[key]) for key in ("max_sequence_length",) if key in tokens.extra}
     if tuned:
         apply_tokens(pipe, tokens)
     else:
@@ -140,7 +142,7 @@ def render(pipe: Any, tokens: TokenFile, prompts: Sequence[str], seeds: Sequence
         images = pipe(
             [prompt] * len(seeds), generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
             num_inference_steps=settings["num_steps"], guidance_scale=settings["guidance_scale"],
-            height=settings["height"], width=settings["width"], output_type="pt",
+            height=settings["height"], width=settings["width"], output_type="pt", **family_settings,
         ).images
         rows.append(images.float().cpu())
     remove_tokens(pipe)

@@ -119,7 +119,7 @@ class TruncatedSampler:
             noise: initial noise (B, C, h, w) from `initial_noise`.
         """
         scheduler = make_scheduler(self.config.scheduler, backbone.scheduler_config)
-        scheduler.set_timesteps(self.config.num_steps, device=noise.device)
+        backbone.set_timesteps(scheduler, self.config.num_steps, noise.shape, noise.device)
         timesteps = scheduler.timesteps
         n_free = len(timesteps) - self.config.grad_steps
         guided = self.config.guidance_scale > 1

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ipgo.backbones import ModelNotFoundError, PromptTooLongError, StableDiffusion
+from ipgo.errors import UserError
 
 LONG = "a cat " + "very " * 70  # 74 tokens with BOS and EOS
 
@@ -36,3 +37,33 @@ def test_encode_caches_and_applies_the_too_long_policy(tiny_backbone):
     assert cut.lengths.tolist() == [57]
     # truncation keeps the end-of-text token, as the tokenizer does for a plain pipeline
     assert torch.equal(cut.hidden[0, 56], tiny_backbone.encode(["a cat " + "very " * 53]).hidden[0, 56])
+
+
+def test_the_prompt_cache_stays_bounded_and_serves_every_batch():
+    """Once full, the oldest entries go; a batch mixing cached and new keys still gets all its values."""
+    from ipgo.caching import cached
+
+    cache: dict[str, int] = {}
+    computed: list[list[str]] = []
+
+    def compute(keys: list[str]) -> list[int]:
+        computed.append(keys)
+        return [len(key) for key in keys]
+
+    assert cached(cache, ["a", "bb", "ccc"], compute, limit=4) == [1, 2, 3]
+    assert cached(cache, ["a", "dddd", "eeeee", "a"], compute, limit=4) == [1, 4, 5, 1]
+    assert computed == [["a", "bb", "ccc"], ["dddd", "eeeee"]]
+    assert list(cache) == ["a", "ccc", "dddd", "eeeee"]  # "bb", the oldest not in the batch, made room
+
+
+def test_guidance_distilled_unets_are_refused(tiny_sd_dir, tmp_path):
+    """LCM-style UNets need a guidance embedding and no classifier-free guidance: the sampler would run them wrong."""
+    import json
+    import shutil
+
+    folder = tmp_path / "lcm"
+    shutil.copytree(tiny_sd_dir, folder)
+    config_path = folder / "unet/config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "time_cond_proj_dim": 8}))
+    with pytest.raises(UserError, match="guidance-distilled UNet .* use the base model"):
+        StableDiffusion(str(folder)).load()

@@ -8,6 +8,7 @@ import ipgo
 from ipgo.backbones import StableDiffusion, StableDiffusion3, StableDiffusionXL
 from ipgo.errors import UserError
 from ipgo.export import TokenFile, TokenFileError, load_tokens, save_tokens
+from ipgo.generate import render, sampler_settings
 from ipgo.inject import conditioning
 from ipgo.module import IPGOModule
 from ipgo.rewards import ClipScore
@@ -109,10 +110,12 @@ def test_sd3_refuses_the_unpadded_layout_before_loading(ipgo_cache, tiny_clip_di
     assert module.backbone.transformer is None  # refused before the weights loaded
 
 
-def test_sd3_tokens_carry_their_t5_length_into_the_pipeline(ipgo_cache, tiny_clip_dir, tmp_path):
-    """Trained with a T5 length other than the pipeline's default 256, the tokens rebuild the same conditioning."""
+@pytest.mark.parametrize("t5_length", [77, 300])
+def test_sd3_tokens_carry_their_t5_length_into_the_pipeline(t5_length, ipgo_cache, tiny_clip_dir, tmp_path):
+    """Trained with a T5 length other than the pipeline's default 256, the tokens rebuild the same conditioning,
+    the unconditional branch included, and the pipeline renders with them."""
     module = IPGOModule(
-        StableDiffusion3(str(tiny_sd3_path(ipgo_cache)), max_sequence_length=77), ClipScore(str(tiny_clip_dir)),
+        StableDiffusion3(str(tiny_sd3_path(ipgo_cache)), max_sequence_length=t5_length), ClipScore(str(tiny_clip_dir)),
         tokens=TokenConfig(n_prefix=2, n_suffix=2, rank=4),
         sampler=SamplerConfig(scheduler="flow_euler", num_steps=2, grad_steps=1, height=32, width=32),
     )
@@ -122,9 +125,48 @@ def test_sd3_tokens_carry_their_t5_length_into_the_pipeline(ipgo_cache, tiny_cli
                                                     text_encoder_3=None, tokenizer_3=None)
     embeds = ipgo.token_embeds(pipe, path, PROMPTS)
     prefix, suffix = load_tokens(path).tokens_for(PROMPTS)
-    cond, *_ = conditioning(module.backbone, PROMPTS, prefix, suffix)
-    assert embeds["prompt_embeds"].shape == cond.hidden.shape == (2, 77 + 77, 64)
+    cond, uncond, *_ = conditioning(module.backbone, PROMPTS, prefix, suffix)
+    assert embeds["prompt_embeds"].shape == cond.hidden.shape == (2, 77 + t5_length, 64)
     assert torch.allclose(embeds["prompt_embeds"], cond.hidden.to(embeds["prompt_embeds"].dtype))
+    assert torch.equal(embeds["negative_prompt_embeds"], uncond.hidden.to(embeds["prompt_embeds"].dtype))
+    pipe.set_progress_bar_config(disable=True)
+    ipgo.apply_tokens(pipe, path)
+    images = pipe(PROMPTS, num_inference_steps=1, height=32, width=32, output_type="pt").images
+    assert images.shape == (2, 3, 32, 32)
+    # ipgo.generate's raw renders also encode at the trained T5 length
+    raw = render(pipe, load_tokens(path), PROMPTS[:1], [5], tuned=False)[0]
+    settings = sampler_settings(load_tokens(path))
+    expected = pipe(PROMPTS[:1], generator=[torch.Generator().manual_seed(5)], height=32, width=32,
+                    num_inference_steps=settings["num_steps"], guidance_scale=settings["guidance_scale"],
+                    max_sequence_length=t5_length, output_type="pt").images
+    assert torch.equal(raw, expected.float())
+
+
+def test_sd3_with_dynamic_shifting_samples_as_its_pipeline(ipgo_cache, tiny_clip_dir, tmp_path):
+    """A flow-matching scheduler with use_dynamic_shifting gets the pipeline's resolution-dependent shift."""
+    import json
+    import shutil
+
+    folder = tmp_path / "sd3"
+    shutil.copytree(tiny_sd3_path(ipgo_cache), folder)
+    config_path = folder / "scheduler/scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "use_dynamic_shifting": True}))
+    module = IPGOModule(
+        StableDiffusion3(str(folder)), ClipScore(str(tiny_clip_dir)),
+        tokens=TokenConfig(n_prefix=1, n_suffix=1, rank=2),
+        sampler=SamplerConfig(scheduler="flow_euler", num_steps=3, grad_steps=1, guidance_scale=4.0, height=32,
+                              width=32),
+    )
+    module.prepare(PROMPTS)
+    path = save_tokens(tmp_path / "tokens.safetensors", module.token_file())
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), local_files_only=True, text_encoder_3=None,
+                                                    tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    ipgo.apply_tokens(pipe, path)
+    theirs = pipe(PROMPTS, generator=[torch.Generator().manual_seed(3) for _ in PROMPTS], height=32, width=32,
+                  num_inference_steps=3, guidance_scale=4.0, output_type="pt").images
+    p, s = load_tokens(path).tokens_for(PROMPTS)
+    assert torch.allclose(module.render(PROMPTS, [3], p, s), theirs.float(), atol=1e-5)
 
 
 def test_sdxl_decodes_with_the_vaes_latent_statistics_as_its_pipeline(ipgo_cache, tiny_clip_dir, tmp_path):

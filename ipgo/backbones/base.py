@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from ipgo.caching import cached
 from ipgo.errors import ConfigError, UserError
 
 DType = Literal["float32", "float16", "bfloat16"]
@@ -206,7 +207,7 @@ class Backbone(nn.Module, ABC):
             setattr(self, part, None)
         self._scheduler_config: dict[str, Any] | None = None
         self._pipeline_config: dict[str, Any] = {}
-        self._cache: dict[tuple[str, int, str], tuple[Tensor, int, int, Tensor | None]] = {}
+        self._cache: dict[tuple[str, int, int], tuple[Tensor, int, int, Tensor | None]] = {}
 
     @classmethod
     def from_pipeline(cls, pipe: Any) -> Backbone:
@@ -250,6 +251,18 @@ class Backbone(nn.Module, ABC):
     def _load_weights(self, cls: Any, subfolder: str, what: str, dtype: torch.dtype | None = None) -> nn.Module:
         part = self._from_pretrained(cls, subfolder, what, dtype=dtype or self.dtype, variant=self.variant)
         return part.requires_grad_(False).eval()
+
+    def _load_unet(self) -> nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        unet = self._load_weights(UNet2DConditionModel, "unet", "UNet")
+        if unet.config.get("time_cond_proj_dim") is not None:
+            raise UserError(
+                f"{self.model!r} has a guidance-distilled UNet (time_cond_proj_dim is set, as in LCM models), which "
+                "its pipeline samples without classifier-free guidance and with a guidance embedding that ipgo's "
+                "sampler does not give: use the base model it was distilled from"
+            )
+        return unet
 
     def _load_configs(self) -> None:
         from diffusers import DDIMScheduler, DiffusionPipeline
@@ -301,21 +314,22 @@ class Backbone(nn.Module, ABC):
     def encode(self, prompts: Sequence[str], reserved: int = 0, too_long: TooLong = "error") -> PromptEmbeds:
         """Encode prompts (each once, then cached), leaving `reserved` positions for learned tokens."""
         budget = self.max_length - reserved
-        device = str(self._device())
-        missing = [p for p in dict.fromkeys(prompts) if (p, budget, device) not in self._cache]
-        if missing:
+        length = self.sequence_length  # SD 3's T5 length can be set after loading
+
+        def encode_missing(keys: list[tuple[str, int, int]]) -> list[tuple[Tensor, int, int, Tensor | None]]:
+            missing = [key[0] for key in keys]
             hidden, lengths, pooled = self._encode_batch(missing, budget)
-            for i, (prompt, full) in enumerate(zip(missing, self.token_lengths(missing))):
-                self._cache[(prompt, budget, device)] = (
-                    hidden[i], lengths[i], full, None if pooled is None else pooled[i]
-                )
-        rows = [self._cache[(p, budget, device)] for p in prompts]
+            # Kept on the CPU: thousands of prompts' states would otherwise stay on the GPU for the whole run.
+            return [(hidden[i].cpu(), lengths[i], full, None if pooled is None else pooled[i].cpu())
+                    for i, full in enumerate(self.token_lengths(missing))]
+
+        rows = cached(self._cache, [(p, budget, length) for p in prompts], encode_missing, limit=4096)
         check_prompt_lengths(prompts, [row[2] for row in rows], budget, reserved, too_long)
-        pooled_rows = [row[3] for row in rows]
+        device, pooled_rows = self._device(), [row[3] for row in rows]
         return PromptEmbeds(
-            torch.stack([row[0] for row in rows]),
-            torch.tensor([row[1] for row in rows], device=rows[0][0].device),
-            None if pooled_rows[0] is None else torch.stack(pooled_rows),
+            torch.stack([row[0] for row in rows]).to(device),
+            torch.tensor([row[1] for row in rows], device=device),
+            None if pooled_rows[0] is None else torch.stack(pooled_rows).to(device),
         )
 
     @abstractmethod
@@ -343,6 +357,10 @@ class Backbone(nn.Module, ABC):
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self._loaded(self.vae).config.block_out_channels) - 1)
+
+    def set_timesteps(self, scheduler: Any, num_steps: int, latent_shape: Sequence[int], device: torch.device) -> None:
+        """Set `scheduler`'s timesteps for latents of `latent_shape`, as the family's pipeline does."""
+        scheduler.set_timesteps(num_steps, device=device)
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         """Shape of the initial noise for images of height x width."""

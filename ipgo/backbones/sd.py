@@ -35,12 +35,12 @@ class StableDiffusion(Backbone):
     def load(self) -> None:
         if self.unet is not None:
             return
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import AutoencoderKL
         from transformers import CLIPTextModel
 
         self.load_tokenizer()
         self.text_encoder = self._load_weights(CLIPTextModel, "text_encoder", "text encoder")
-        self.unet = self._load_weights(UNet2DConditionModel, "unet", "UNet")
+        self.unet = self._load_unet()
         self.vae = self._load_weights(AutoencoderKL, "vae", "VAE")
         self._load_configs()
         if self.gradient_checkpointing:

@@ -12,7 +12,7 @@ T5 (`text_encoder_3` null) gets zeros for the T5 part, exactly like the pipeline
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ipgo.backbones.base import Backbone, Conditioning, DType, encode_clip
 from ipgo.backbones.sd import decode_vae
+from ipgo.errors import ConfigError
 
 
 class StableDiffusion3(Backbone):
@@ -106,6 +107,26 @@ class StableDiffusion3(Backbone):
         return transformer(hidden_states=latents, timestep=timestep.expand(latents.shape[0]),
                            encoder_hidden_states=cond.hidden.to(transformer.dtype),
                            pooled_projections=cond.pooled.to(transformer.dtype), return_dict=False)[0]
+
+    def set_timesteps(self, scheduler: Any, num_steps: int, latent_shape: Sequence[int], device: torch.device) -> None:
+        if not scheduler.config.get("use_dynamic_shifting"):
+            return super().set_timesteps(scheduler, num_steps, latent_shape, device)
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        patch = self._loaded(self.transformer).config.patch_size
+        config = scheduler.config
+        mu = calculate_shift((latent_shape[-2] // patch) * (latent_shape[-1] // patch),
+                             config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.16))  # the pipeline's defaults
+        scheduler.set_timesteps(num_steps, device=device, mu=mu)
+
+    def _check_size(self, height: int, width: int) -> int:
+        factor = super()._check_size(height, width)
+        patch = int(self._loaded(self.transformer).config.patch_size)
+        if (height // factor) % patch or (width // factor) % patch:
+            raise ConfigError(f"height and width must be multiples of {factor * patch} for {self.model!r} (VAE "
+                              f"factor {factor} x the transformer's patch size {patch})")
+        return factor
 
     def decode(self, latents: Tensor) -> Tensor:
         vae = self._loaded(self.vae)

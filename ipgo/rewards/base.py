@@ -15,13 +15,14 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ipgo.backbones.base import ModelNotFoundError
+from ipgo.caching import cached
 from ipgo.testing import is_tiny, resolve_source
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class Reward(nn.Module):
         self._loaded = False
         # Moves with .to()/.half(), so weights loaded later land where the module already is.
         self.register_buffer("_where", torch.empty(0), persistent=False)
+        self._text_cache: dict[str, Tensor] = {}
 
     @property
     def loaded(self) -> bool:
@@ -57,10 +59,19 @@ class Reward(nn.Module):
         if self._loaded:
             return
         self._load()
+        self._text_cache.clear()
         self.requires_grad_(False)
         self.to(device=self._where.device, dtype=self._where.dtype)
         self.eval()
         self._loaded = True
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Reward:
+        self._text_cache.clear()  # cached features stay on the device and dtype they were computed on
+        return super()._apply(fn, *args, **kwargs)
+
+    def text_rows(self, prompts: Sequence[str], encode: Callable[[list[str]], Tensor]) -> Tensor:
+        """Per-prompt text features (B, D), each encoded once (they do not depend on the pixels)."""
+        return torch.stack(cached(self._text_cache, prompts, encode, limit=4096))
 
     def train(self, mode: bool = True) -> Reward:
         """Stay in eval mode: a frozen reward never runs dropout, whatever its parent does."""
@@ -122,17 +133,6 @@ class ClipReward(Reward):
         """Projected CLIP image embeddings ``[B, D]`` (not normalised), differentiable in ``images``."""
         pixels = differentiable_preprocess(images.float(), self._size, self._mean, self._std, self._crop)
         return _vector(self.clip.get_image_features(pixel_values=pixels.to(self.clip.dtype)))
-
-
-def cached_rows(cache: dict[str, Tensor], keys: Sequence[str], compute: Callable[[list[str]], Tensor],
-                limit: int = 4096) -> Tensor:
-    """Rows for `keys` (B, D), computing only the missing ones (prompt features do not depend on pixels)."""
-    missing = list(dict.fromkeys(k for k in keys if k not in cache))
-    if missing:
-        if len(cache) + len(missing) > limit:
-            cache.clear()
-        cache.update(zip(missing, compute(missing)))
-    return torch.stack([cache[k] for k in keys])
 
 
 def _size_value(size: object, key: str) -> int | None:

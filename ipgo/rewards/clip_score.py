@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ipgo.rewards.base import ClipReward, _vector, cached_rows
+from ipgo.rewards.base import ClipReward, _vector
 
 
 class ClipScore(ClipReward):
@@ -20,11 +20,6 @@ class ClipScore(ClipReward):
 
     def __init__(self, model: str = "openai/clip-vit-large-patch14") -> None:
         super().__init__(model)
-        self._text_cache: dict[str, Tensor] = {}
-
-    def _load(self) -> None:
-        super()._load()
-        self._text_cache.clear()
 
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> Tensor:
@@ -37,7 +32,7 @@ class ClipScore(ClipReward):
             ).to(self._where.device)
             return _vector(self.clip.get_text_features(**tokens))
 
-        return cached_rows(self._text_cache, prompts, encode)
+        return self.text_rows(prompts, encode)
 
     def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
         image = self.image_features(images)

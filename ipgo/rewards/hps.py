@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ipgo.backbones.base import ModelNotFoundError
 from ipgo.rewards.aesthetic import WeightsFormatError
-from ipgo.rewards.base import Reward, cached_rows, differentiable_preprocess
+from ipgo.rewards.base import Reward, differentiable_preprocess
 from ipgo.testing import is_tiny, resolve_source
 
 _HPS_HINT = (
@@ -55,7 +55,6 @@ class HPSv2(Reward):
         self._size = 224
         self._mean: tuple[float, ...] = ()
         self._std: tuple[float, ...] = ()
-        self._text_cache: dict[str, Tensor] = {}
 
     def _load(self) -> None:
         import open_clip
@@ -83,7 +82,6 @@ class HPSv2(Reward):
         cfg = getattr(model.visual, "preprocess_cfg", None) or {}
         self._mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
         self._std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
-        self._text_cache.clear()
 
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> Tensor:
@@ -92,7 +90,7 @@ class HPSv2(Reward):
         def encode(texts: list[str]) -> Tensor:
             return F.normalize(self.model.encode_text(self.tokenizer(texts).to(self._where.device)).float(), dim=-1)
 
-        return cached_rows(self._text_cache, prompts, encode)
+        return self.text_rows(prompts, encode)
 
     def image_features(self, images: Tensor) -> Tensor:
         """Normalised image embeddings ``[B, D]`` in float32, differentiable in ``images``."""

@@ -52,7 +52,6 @@ class PickScore(ClipScore):
         self._crop = crop or size or 224
         self._size = size or self._crop
         self._mean, self._std = tuple(processor.image_mean), tuple(processor.image_std)
-        self._text_cache.clear()
 
     def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
         return self.clip.logit_scale.exp().float() * super()._score(images, prompts)
