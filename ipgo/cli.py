@@ -52,7 +52,10 @@ class IPGOCLI(LightningCLI):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             # an explicit folder, so that `--ckpt_path last` finds it before the trainer is set up
-            callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0))
+            # and `last.ckpt` rewritten after every epoch (with save_last and no top-k file, Lightning would write
+            # it only when training ends, so an interrupted run could not resume)
+            callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
+                                             every_n_epochs=1, enable_version_counter=False))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
@@ -65,9 +68,10 @@ def trainer_defaults() -> dict[str, Any]:
     }
 
 
-# Expected here, and noise to a user: the frozen model is in eval mode on purpose, and prompt-wise
-# runs have no validation prompts.
-QUIET = (r"Found \d+ module\(s\) in eval mode", r"Total length of `list` across ranks is zero")
+# Expected here, and noise to a user: the frozen model is in eval mode on purpose, prompt-wise
+# runs have no validation prompts, and a resumed run's checkpoint folder holds its checkpoint.
+QUIET = (r"Found \d+ module\(s\) in eval mode", r"Total length of `list` across ranks is zero",
+         r"Checkpoint directory .* exists and is not empty")
 
 
 def main(args: list[str] | None = None) -> IPGOCLI:
@@ -86,16 +90,8 @@ def main(args: list[str] | None = None) -> IPGOCLI:
     run_dir = Path(cli.trainer.default_root_dir)
     ckpt_path = cli.config.get("ckpt_path")
     last = run_dir / "checkpoints" / "last.ckpt"
-    if ckpt_path is None and (run_dir / "tokens.safetensors").exists():
-        raise RunFolderExistsError(
-            f"{run_dir} already holds a finished run (tokens.safetensors). Choose a new folder with "
-            "--trainer.default_root_dir, or resume with --ckpt_path last."
-        )
-    if ckpt_path is None and last.exists():
-        raise RunFolderExistsError(
-            f"{run_dir} holds an unfinished run ({last}): resume it with --ckpt_path last, or choose a new folder "
-            "with --trainer.default_root_dir."
-        )
+    if ckpt_path is None:
+        refuse_used_folder(run_dir)
     if ckpt_path == "last" and not last.exists():
         raise UserError(f"--ckpt_path last: there is no {last} to resume; leave --ckpt_path out to start the run")
     if cli.model.prompt_wise and cli.trainer.world_size > 1:
@@ -112,6 +108,28 @@ def main(args: list[str] | None = None) -> IPGOCLI:
 
             write_run_outputs(cli.model, run_dir)
     return cli
+
+
+def refuse_used_folder(run_dir: Path) -> None:
+    """A fresh run needs an empty (or new) folder: it would overwrite a run's files, or a user's."""
+    if (run_dir / "summary.json").exists():
+        raise RunFolderExistsError(
+            f"{run_dir} already holds a finished run (summary.json). Choose a new folder with "
+            "--trainer.default_root_dir."
+        )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.exists():
+        raise RunFolderExistsError(
+            f"{run_dir} holds an unfinished run ({last}): resume it with --ckpt_path last, or choose a new folder "
+            "with --trainer.default_root_dir."
+        )
+    present = sorted(path.name for path in run_dir.iterdir()) if run_dir.is_dir() else []
+    if present:
+        raise RunFolderExistsError(
+            f"{run_dir} is not empty ({', '.join(present[:4])}{', ...' if len(present) > 4 else ''}); a run there "
+            "would overwrite its files. Choose a new folder with --trainer.default_root_dir, or empty this one "
+            "(a run stopped before its first checkpoint cannot be resumed)."
+        )
 
 
 def run(args: list[str] | None = None) -> None:

@@ -7,7 +7,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ipgo.cli import main, run
+from ipgo.cli import RunFolderExistsError, main, run
+from ipgo.module import IPGOModule
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml"))
@@ -61,6 +62,38 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         run([*QUICK, "--trainer.default_root_dir", str(resumed)])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_from_its_last_finished_epoch(tmp_path, monkeypatch):
+    """A run that dies mid-way has a checkpoint of its last finished epoch, and resuming it ends as if unbroken."""
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    main([*QUICK, "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(straight)])
+
+    def power_cut(module: IPGOModule) -> None:
+        if module.current_epoch == 2:
+            raise RuntimeError("power cut")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(IPGOModule, "on_train_epoch_start", power_cut)
+        with pytest.raises(RuntimeError, match="power cut"):
+            main([*QUICK, "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(broken)])
+    assert torch.load(broken / "checkpoints/last.ckpt", weights_only=False)["epoch"] == 1
+    with pytest.raises(RunFolderExistsError, match="unfinished run"):
+        main([*QUICK, "--trainer.default_root_dir", str(broken)])
+    main([*QUICK, "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(broken), "--ckpt_path", "last"])
+    a, b = load_file(straight / "tokens.safetensors"), load_file(broken / "tokens.safetensors")
+    assert (a["prefix"] - b["prefix"]).abs().max() < 1e-6
+
+
+def test_a_fresh_run_refuses_a_folder_with_files(tmp_path):
+    """Nothing a user keeps in a folder is overwritten by a run pointed at it."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("my own notes\n")
+    with pytest.raises(RunFolderExistsError, match=r"is not empty \(config.yaml\)"):
+        main([*QUICK, "--trainer.default_root_dir", str(folder)])
+    assert (folder / "config.yaml").read_text() == "my own notes\n"
 
 
 @pytest.mark.slow
