@@ -18,8 +18,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from ipgo.data import PromptDataModule
-from ipgo.errors import UserError, reported
+from ipgo.errors import ConfigError, UserError, reported
 from ipgo.module import IPGOModule
+from ipgo.rewards.combine import uses_running_statistics
 
 
 class RunFolderExistsError(UserError, FileExistsError):
@@ -94,6 +95,9 @@ def main(args: list[str] | None = None) -> IPGOCLI:
         refuse_used_folder(run_dir)
     if ckpt_path == "last" and not last.exists():
         raise UserError(f"--ckpt_path last: there is no {last} to resume; leave --ckpt_path out to start the run")
+    if cli.trainer.world_size > 1 and uses_running_statistics(cli.model.reward):
+        raise ConfigError("normalize: running keeps its statistics per process, so the processes would scale the "
+                          "reward differently: use normalize: fixed (offset, scale) or none with several devices")
     if cli.model.prompt_wise and cli.trainer.world_size > 1:
         # several processes: each optimises its own prompts with a local optimiser (see IPGOModule.predict_step)
         if ckpt_path is not None:
@@ -123,13 +127,23 @@ def refuse_used_folder(run_dir: Path) -> None:
             f"{run_dir} holds an unfinished run ({last}): resume it with --ckpt_path last, or choose a new folder "
             "with --trainer.default_root_dir."
         )
-    present = sorted(path.name for path in run_dir.iterdir()) if run_dir.is_dir() else []
+    present = sorted(path.name for path in run_dir.iterdir() if not _left_before_training(path)) \
+        if run_dir.is_dir() else []
     if present:
         raise RunFolderExistsError(
             f"{run_dir} is not empty ({', '.join(present[:4])}{', ...' if len(present) > 4 else ''}); a run there "
             "would overwrite its files. Choose a new folder with --trainer.default_root_dir, or empty this one "
             "(a run stopped before its first checkpoint cannot be resumed)."
         )
+
+
+def _left_before_training(path: Path) -> bool:
+    """What a run writes before its first checkpoint (logs, its config): a run that stopped there, e.g. on a
+    typo in the prompt file, left nothing to keep, and the next run may write over it."""
+    if path.name == "config.yaml":
+        with path.open(encoding="utf-8", errors="replace") as file:
+            return file.readline().startswith("# lightning.pytorch==")  # LightningCLI's header, not a user's file
+    return path.name in ("csv", "checkpoints") or path.name.startswith("events.out.tfevents.")
 
 
 def run(args: list[str] | None = None) -> None:

@@ -42,6 +42,7 @@ from ipgo.rewards.combine import (
     RunningStats,
     build_reward,
     frozen_statistics,
+    uses_running_statistics,
 )
 from ipgo.sampling import SamplerConfig, TruncatedSampler, initial_noise
 from ipgo.tokens import TokenConfig, TokenSets
@@ -190,6 +191,14 @@ class IPGOModule(L.LightningModule):
             raise RewardConfigError(
                 f"reward {self.reward.name!r} is not differentiable, so it cannot be optimised: use it to judge "
                 "(model.judges, or ipgo.evaluate --rewards) and optimise a differentiable reward"
+            )
+        if isinstance(self.reward, CombinedReward) and all(term.weight == 0 for term in self.reward.terms):
+            raise RewardConfigError("every reward's weight is 0, so there is nothing to optimise: give one a weight")
+        if mode == "prompt-wise" and uses_running_statistics(self.reward):
+            raise ConfigError(
+                "normalize: running shares one mean and spread over all prompts, so in prompt-wise mode each "
+                "prompt's gradient would depend on the other prompts of its batch: use normalize: fixed (offset, "
+                "scale) or none, or mode prompt-batch"
             )
         self.judges = build_reward(judges) if judges else None
         self.mode = mode

@@ -127,6 +127,10 @@ def test_a_run_whose_outputs_failed_is_finished_by_resuming(tmp_path, capsys):
     assert (tmp_path / "no_logger/summary.json").is_file()
 
 
+RUNNING = ["--model.reward", "null", "--model.rewards",
+           "[{name: clip_score, normalize: running, args: {model: 'tiny:clip'}}]"]
+
+
 def bad_input(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run([*QUICK, *args])
@@ -151,6 +155,11 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
         (["--model.backbone.init_args.model", "tiny:sd7"], "unknown tiny model 'tiny:sd7'"),
         (["--model.prompt_attention", "true"], "prompt_attention (IPGO+) is a prompt-batch variant"),
         (["--data.val_fraction", "0.5"], "set data.val_fraction=0"),
+        ([*RUNNING], "in prompt-wise mode each prompt's gradient would depend on the other prompts"),
+        (["--model.reward", "null", "--model.rewards", "[{name: clip_score, weight: 0, args: {model: 'tiny:clip'}}]"],
+         "every reward's weight is 0"),
+        ([*RUNNING, "--model.mode", "prompt-batch", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+         "keeps its statistics per process"),
     ]
     for args, message in cases:
         err = bad_input([*args, "--trainer.default_root_dir", out], capsys)
@@ -164,7 +173,7 @@ REWARD_CHOICES = {
                   "--model.reward.clip_model", "tiny:clip"],
     "combined": ["--model.reward", "null", "--model.rewards",
                  "[{name: hpsv2, weight: 1.0, args: {checkpoint: 'tiny:hps', model_name: ipgo-tiny-ViT}}, "
-                 "{name: pickscore, weight: 0.5, normalize: running, args: {model: 'tiny:clip', "
+                 "{name: pickscore, weight: 0.5, normalize: fixed, scale: 2.0, args: {model: 'tiny:clip', "
                  "processor: 'tiny:clip'}}, {name: image_reward, weight: 0.2, args: {checkpoint: "
                  "'tiny:image-reward'}}]"],
 }

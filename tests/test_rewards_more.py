@@ -152,6 +152,31 @@ def test_best_steps_and_reports_compare_on_one_scale(clip_score: ClipScore, imag
     assert combined.stats["clip_score"].count == count + len(PROMPTS)
 
 
+class NaNReward(Reward):
+    """Scores every image NaN, as a float16 overflow would."""
+
+    name = "broken"
+
+    def _load(self) -> None:
+        pass
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return torch.full((len(prompts),), float("nan"))
+
+
+def test_a_zero_weight_term_is_only_logged(clip_score: ClipScore, images: torch.Tensor) -> None:
+    """A logged-only term cannot poison the total, and non-finite scores do not enter running statistics."""
+    combined = CombinedReward([RewardTerm(clip_score), RewardTerm(NaNReward(), weight=0.0, normalize="running")])
+    combined.load()
+    total = combined(images, PROMPTS)
+    torch.testing.assert_close(total, combined.components["clip_score"])
+    assert combined.components["broken"].isnan().all()
+    assert torch.isfinite(combined.combine(torch.stack(list(combined.components.values()), dim=-1))).all()
+    stats = RunningStats()
+    stats.update(torch.tensor([1.0, float("nan"), 3.0, float("inf")]))
+    assert (stats.count, stats.mean, stats.std) == (2, 2.0, pytest.approx(2**0.5))
+
+
 def test_running_stats_match_numpy() -> None:
     stats, values = RunningStats(), torch.randn(20, generator=torch.Generator().manual_seed(0))
     assert stats.std == 1.0

@@ -128,8 +128,9 @@ class RunningStats:
     m2: float = field(default=0.0)
 
     def update(self, values: Tensor) -> None:
-        """Add a batch of scores."""
+        """Add a batch of scores (non-finite ones are left out: they end training, and must not end the statistics)."""
         values = values.detach().double().flatten()
+        values = values[values.isfinite()]
         n = values.numel()
         if n == 0:
             return
@@ -195,15 +196,18 @@ class CombinedReward(Reward):
         for name, term in zip(self.names, self.terms):
             raw = term.reward(images, prompts)
             self.components[name] = raw.detach()
+            if term.weight == 0:  # only logged: it must not move the total (0 * NaN is NaN)
+                continue
             total_term = term.weight * self._normalize(name, term, raw)
             total = total_term if total is None else total + total_term
-        return total
+        return total if total is not None else images.new_zeros(len(prompts))
 
     def combine(self, components: Tensor) -> Tensor:
         """The weighted, normalised sum (...) of raw component scores (..., terms), on the current statistics
         and without updating them."""
-        return sum(term.weight * self._normalize(name, term, components[..., k], update=False)
-                   for k, (name, term) in enumerate(zip(self.names, self.terms)))
+        return sum((term.weight * self._normalize(name, term, components[..., k], update=False)
+                    for k, (name, term) in enumerate(zip(self.names, self.terms)) if term.weight != 0),
+                   components.new_zeros(components.shape[:-1]))
 
     def _normalize(self, name: str, term: RewardTerm, raw: Tensor, update: bool = True) -> Tensor:
         if term.normalize == "fixed":
@@ -214,6 +218,11 @@ class CombinedReward(Reward):
             stats = self.stats[name]
             return (raw - stats.mean) / stats.std
         return raw
+
+
+def uses_running_statistics(reward: Reward) -> bool:
+    """Whether `reward` normalises any term with running statistics (which move with every batch scored)."""
+    return isinstance(reward, CombinedReward) and any(term.normalize == "running" for term in reward.terms)
 
 
 @contextmanager
