@@ -180,6 +180,8 @@ def evaluate(
         raise UserError(f"bootstrap={bootstrap}: the win-rate intervals need at least 1 resample (e.g. 1000)")
     # everything that can be checked without weights is checked before any model loads
     reward = build_reward(rewards)
+    settings = sampler_settings(first)
+    reward.check(prompt_list, settings["height"], settings["width"])
     optimised = json.loads(first.extra.get("rewards", "[]"))
     n = _candidates(best_of_n, first)
     if n and selection_reward is None and len(optimised) > 1:

@@ -259,11 +259,13 @@ class IPGOModule(L.LightningModule):
         reserved = self.token_config.n_prefix + self.token_config.n_suffix
         budget = self.backbone.max_length - reserved
         check_prompt_lengths(all_prompts, self.backbone.token_lengths(all_prompts), budget, reserved, self.too_long)
+        rewards = [reward for reward in (self.reward, self.judges) if reward is not None]
+        for reward in rewards:
+            reward.check(all_prompts, self.sampler_config.height, self.sampler_config.width)
+        for reward in rewards:  # before the backbone: a missing reward model is reported without a long wait
+            reward.to(dtype=self.backbone.dtype)  # frozen weights follow the run's dtype
+            reward.load()
         self.backbone.load()
-        for reward in (self.reward, self.judges):
-            if reward is not None:
-                reward.to(dtype=self.backbone.dtype)  # frozen weights follow the run's dtype
-                reward.load()
         self.prompts = list(train_prompts)
         self.val_prompts = list(val_prompts)
         dim = self.backbone.hidden_size

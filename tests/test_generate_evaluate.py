@@ -177,6 +177,8 @@ def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tm
     for kwargs, message in cases:
         with pytest.raises(UserError, match=message):
             evaluate(rewards=REWARDS[:1], seeds="1000", out=str(tmp_path / "out"), **kwargs)
+    with pytest.raises(UserError, match="shapes_oracle judges shapes-world captions only"):
+        evaluate([f"ipgo={run_dir}"], [RewardSpec("shapes_oracle")], seeds="1000", out=str(tmp_path / "out"))
     monkeypatch.undo()
 
     reward = build_reward(REWARDS[:1])

@@ -7,7 +7,7 @@ from ipgo.data import PromptDataModule
 from ipgo.errors import UserError
 from ipgo.module import IPGOModule, NonFiniteRewardError, SeedConfig
 from ipgo.rewards import ClipScore, CombinedReward, RewardTerm
-from ipgo.rewards.combine import RunningStats
+from ipgo.rewards.combine import RewardSpec, RunningStats, build_reward
 from ipgo.sampling import SamplerConfig
 from ipgo.tokens import TokenConfig
 
@@ -106,6 +106,15 @@ def test_prompt_wise_refuses_repeated_prompts_before_loading(tiny_sd_dir, tiny_c
     batch = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch")
     batch.prepare([*PROMPTS, "a blue square"])  # a shared token set: a repeat only weighs a prompt more
     assert len(batch.tokens) == 1
+
+
+def test_a_judge_that_cannot_score_the_prompts_is_refused_before_loading(tiny_sd_dir, tiny_clip_dir):
+    """The judges score the run summary at the very end: their input is checked before anything is optimised."""
+    module = make_module(tiny_sd_dir, tiny_clip_dir)
+    module.judges = build_reward([RewardSpec("shapes_oracle")])
+    with pytest.raises(UserError, match="shapes_oracle judges shapes-world captions only: not a shapes-world"):
+        module.prepare(["a cat on a mat"])
+    assert module.tokens is None and module.backbone.unet is None and not module.reward.loaded
 
 
 def test_running_normalisation_statistics_survive_a_resume(tiny_sd_dir, tiny_clip_dir):

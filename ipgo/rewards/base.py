@@ -96,6 +96,9 @@ class Reward(nn.Module):
             raise ValueError(f"{who}: {images.shape[0]} images but {len(prompts)} prompts.")
         return self._score(images, list(prompts)).float()
 
+    def check(self, prompts: Sequence[str], height: int, width: int) -> None:
+        """Refuse, before anything loads, prompts or an image size this reward cannot score (default: any fit)."""
+
     def _load(self) -> None:
         raise NotImplementedError
 

@@ -190,6 +190,10 @@ class CombinedReward(Reward):
         for reward in self.rewards:
             reward.load()
 
+    def check(self, prompts: Sequence[str], height: int, width: int) -> None:
+        for reward in self.rewards:
+            reward.check(prompts, height, width)
+
     def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
         total: Tensor | None = None
         self.components = {}

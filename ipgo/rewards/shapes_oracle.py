@@ -6,6 +6,7 @@ Not differentiable (it thresholds pixels), so it can judge (`model.judges`, `ipg
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from ipgo.errors import UserError
 from ipgo.rewards.base import Reward
-from ipgo.shapes.world import score
+from ipgo.shapes.world import parse, score
 
 Aspect = Literal["all_correct", "colours", "positions", "shapes"]
 
@@ -36,17 +37,22 @@ class ShapesOracle(Reward):
                             "shapes")
         self.aspect = aspect
 
+    def check(self, prompts: Sequence[str], height: int, width: int) -> None:
+        if (height, width) != (32, 32):
+            raise UserError(f"shapes_oracle reads 32 x 32 shapes-world images, got {height} x {width}: render at "
+                            "height=32, width=32")
+        for prompt in dict.fromkeys(prompts):
+            try:
+                parse(prompt)
+            except ValueError as error:
+                raise UserError(f"shapes_oracle judges shapes-world captions only: {error}") from None
+
     def _load(self) -> None:
         pass
 
     @torch.no_grad()
     def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
-        if images.shape[-2:] != (32, 32):
-            raise UserError(f"shapes_oracle reads 32 x 32 shapes-world images, got {tuple(images.shape[-2:])}: "
-                            "render at height=32, width=32")
-        try:
-            values = [getattr(score(image.detach().float().cpu(), prompt), self.aspect)
-                      for image, prompt in zip(images, prompts)]
-        except ValueError as error:
-            raise UserError(f"shapes_oracle judges shapes-world captions only: {error}") from None
+        self.check(prompts, *images.shape[-2:])
+        values = [getattr(score(image.detach().float().cpu(), prompt), self.aspect)
+                  for image, prompt in zip(images, prompts)]
         return torch.tensor(values, device=images.device)
