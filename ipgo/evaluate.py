@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ipgo.data import read_prompts
 from ipgo.errors import NonFiniteRewardError, UserError, reported
-from ipgo.export import TokenFile, load_tokens
+from ipgo.export import TokenFile, load_tokens, token_embeds
 from ipgo.files import write_text
 from ipgo.generate import check_held_out, load_pipeline, parse_seeds, render, sampler_settings
 from ipgo.report import save_image_grid
@@ -196,6 +196,8 @@ def evaluate(
             f"scored ({', '.join(reward.names)}): add it to --rewards or set --selection_reward"
         )
     pipe = load_pipeline(first, model, device, dtype)
+    for tokens in token_files.values():  # the tokens fit this model and the prompts fit beside them
+        token_embeds(pipe, tokens, prompt_list)
     reward = reward.to(device)
     reward.load()
     out_dir = Path(out)

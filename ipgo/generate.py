@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ipgo.data import read_prompts
 from ipgo.errors import UserError, reported
-from ipgo.export import TokenFile, TokenFileError, apply_tokens, load_tokens, remove_tokens
+from ipgo.export import TokenFile, TokenFileError, apply_tokens, load_tokens, remove_tokens, token_embeds
 from ipgo.files import atomic_path, write_text
 from ipgo.report import save_image_grid
 from ipgo.sampling import make_scheduler
@@ -203,6 +203,7 @@ def generate(
         raise UserError("these are shared (prompt-batch) tokens: give the prompts to render with --prompts FILE")
     token_file.tokens_for(prompt_list)  # a prompt-wise file must hold every prompt: checked before loading
     pipe = load_pipeline(token_file, model, device, dtype)
+    token_embeds(pipe, token_file, prompt_list)  # the tokens fit this model and the prompts fit beside them
     renders = Renders(prompt_list, seed_list, render(pipe, token_file, prompt_list, seed_list, tuned=False),
                       render(pipe, token_file, prompt_list, seed_list, tuned=True))
     save_renders(renders, Path(out), {"tokens": str(tokens), "training_seeds_used": flagged})

@@ -30,7 +30,7 @@ def test_encode_caches_and_applies_the_too_long_policy(tiny_backbone):
     assert first.hidden.shape == (2, 77, 32)
 
     assert tiny_backbone.token_lengths([LONG]) == [74]
-    with pytest.raises(PromptTooLongError, match="has 74 tokens but only 57 fit beside the 20 learned tokens"):
+    with pytest.raises(PromptTooLongError, match=r"prompt 1 \('a cat very .*'\) has 74 tokens but only 57 fit"):
         tiny_backbone.encode([LONG], reserved=20)
     with pytest.warns(UserWarning, match="truncating to 57 tokens"):
         cut = tiny_backbone.encode([LONG], reserved=20, too_long="truncate")

@@ -145,6 +145,18 @@ def test_bad_input_gives_clear_messages(run, tmp_path, capsys):
         parse_seeds("1,1")
 
 
+def test_generate_checks_the_tokens_against_the_model_before_rendering(run, tmp_path, monkeypatch):
+    from ipgo.export import TokenFileError
+
+    def no_rendering(*args, **kwargs):
+        raise AssertionError("rendered before the tokens and prompts were checked")
+
+    monkeypatch.setattr("ipgo.generate.render", no_rendering)
+    run_dir, _ = run
+    with pytest.raises(TokenFileError, match="hidden size"):
+        generate(str(run_dir), seeds="1000", out=str(tmp_path / "out"), model="tiny:sd2")
+
+
 def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tmp_path, monkeypatch):
     from ipgo.errors import NonFiniteRewardError, UserError
     from ipgo.evaluate import score

@@ -128,14 +128,15 @@ def check_prompt_lengths(
         return
     i, prompt, n = over[0]
     shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    distinct = len({p for _, p, _ in over})
     what = (
-        f"prompt {i} ({shown!r}) has {n} tokens but only {budget} fit beside the {reserved} learned tokens"
-        + (f" ({len(over)} prompts are too long)" if len(over) > 1 else "")
+        f"prompt {i + 1} ({shown!r}) has {n} tokens but only {budget} fit beside the {reserved} learned tokens"
+        + (f" ({distinct} prompts are too long)" if distinct > 1 else "")
     )
     if too_long == "error":
         raise PromptTooLongError(
-            f"{what}. Shorten the prompt, learn fewer tokens (model.tokens.n_prefix / n_suffix), "
-            "or set model.too_long=truncate to cut it."
+            f"{what}. Shorten the prompt; or, when training, learn fewer tokens (model.tokens.n_prefix / "
+            "n_suffix) or set model.too_long=truncate to cut it."
         )
     if too_long == "truncate":
         warnings.warn(f"{what}: truncating to {budget} tokens (model.too_long=truncate).", stacklevel=3)
