@@ -42,7 +42,7 @@ from torch import Tensor
 from ipgo.data import read_prompts
 from ipgo.errors import NonFiniteRewardError, UserError, reported
 from ipgo.export import TokenFile, load_tokens, token_embeds
-from ipgo.files import write_text
+from ipgo.files import check_output_folder, write_text
 from ipgo.generate import check_held_out, load_pipeline, parse_seeds, render, sampler_settings
 from ipgo.report import save_image_grid
 from ipgo.rewards.combine import CombinedReward, RewardSpec, build_reward
@@ -132,6 +132,7 @@ def evaluate(
     dtype: str | None = None,
     allow_training_seeds: bool = False,
     allow_training_prompts: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Score methods and the raw prompt (and best-of-N) with several rewards; write report.md and metrics.json.
 
@@ -152,7 +153,9 @@ def evaluate(
         dtype: float32, float16 or bfloat16; default: the one the first method was trained in.
         allow_training_seeds: evaluate on seeds used in optimisation too (flagged in the outputs).
         allow_training_prompts: evaluate prompt-batch tokens on their training prompts (flagged).
+        overwrite: write into a non-empty `out`.
     """
+    check_output_folder(out, overwrite, "ipgo.evaluate")
     named = _parse_methods(methods)
     token_files = {name: load_tokens(path) for name, path in named.items()}
     first = next(iter(token_files.values()))

@@ -1,4 +1,5 @@
-"""Atomic file output: a reader never sees a half-written file, a crash never eats an old one."""
+"""File output: atomic (a reader never sees a half-written file, a crash never eats an old one), and
+never over what a user has in a folder unless asked."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ipgo.errors import UserError
 
 
 @contextmanager
@@ -16,9 +19,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        os.chmod(tmp, _new_file_mode())  # some writers (safetensors) create files only their owner can read
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _new_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -26,3 +36,14 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def check_output_folder(out: str | os.PathLike, overwrite: bool, command: str) -> None:
+    """Refuse a non-empty output folder unless `overwrite`: writing there would replace files in it."""
+    folder = Path(out)
+    present = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+    if present and not overwrite:
+        raise UserError(
+            f"{folder} is not empty ({', '.join(present[:4])}{', ...' if len(present) > 4 else ''}): {command} would "
+            "overwrite files there. Choose another --out, or pass --overwrite true."
+        )

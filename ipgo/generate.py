@@ -25,7 +25,7 @@ from torch import Tensor
 from ipgo.data import read_prompts
 from ipgo.errors import UserError, reported
 from ipgo.export import TokenFile, TokenFileError, apply_tokens, load_tokens, remove_tokens, token_embeds
-from ipgo.files import atomic_path, write_text
+from ipgo.files import atomic_path, check_output_folder, write_text
 from ipgo.report import save_image_grid
 from ipgo.sampling import make_scheduler
 
@@ -170,6 +170,14 @@ def save_renders(renders: Renders, out: Path, extra: dict[str, Any] | None = Non
     return manifest
 
 
+def remove_earlier_renders(out: Path) -> None:
+    """Delete the images an earlier `save_renders` listed in `out`: their names, by index, would now mislead."""
+    manifest = out / "images.json"
+    if manifest.is_file():
+        for entry in json.loads(manifest.read_text()).get("images", []):
+            (out / entry["file"]).unlink(missing_ok=True)
+
+
 def generate(
     tokens: str,
     seeds: str = "1000-1003",
@@ -179,6 +187,7 @@ def generate(
     device: str = "cpu",
     dtype: str | None = None,
     allow_training_seeds: bool = False,
+    overwrite: bool = False,
 ) -> Renders:
     """Render raw and tuned prompts on the same seeds.
 
@@ -191,7 +200,9 @@ def generate(
         device: torch device, e.g. "cuda".
         dtype: float32, float16 or bfloat16; default: the one the tokens were trained in.
         allow_training_seeds: allow seeds the tokens were trained on (recorded in images.json).
+        overwrite: write into a non-empty `out` (the images of an earlier generate there are removed first).
     """
+    check_output_folder(out, overwrite, "ipgo.generate")
     token_file = load_tokens(tokens)
     seed_list = parse_seeds(seeds)
     flagged = check_held_out(token_file, seed_list, allow_training_seeds)
@@ -206,6 +217,7 @@ def generate(
     token_embeds(pipe, token_file, prompt_list)  # the tokens fit this model and the prompts fit beside them
     renders = Renders(prompt_list, seed_list, render(pipe, token_file, prompt_list, seed_list, tuned=False),
                       render(pipe, token_file, prompt_list, seed_list, tuned=True))
+    remove_earlier_renders(Path(out))
     save_renders(renders, Path(out), {"tokens": str(tokens), "training_seeds_used": flagged})
     print(f"wrote {len(prompt_list) * len(seed_list) * 2} images and grid.png to {out}")
     return renders

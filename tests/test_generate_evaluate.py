@@ -1,12 +1,15 @@
 """`ipgo.generate` and `ipgo.evaluate` on a tiny run: same seeds, held-out checks, statistics."""
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
 import torch
 
 from ipgo.cli import main as fit
+from ipgo.errors import UserError
 from ipgo.evaluate import candidate_seeds, evaluate
 from ipgo.evaluate import main as evaluate_cli
 from ipgo.generate import SeedError, generate, parse_seeds
@@ -45,6 +48,17 @@ def test_generate_matches_the_modules_render(run, tmp_path):
     manifest = json.loads((tmp_path / "images.json").read_text())
     assert len(manifest["images"]) == 12 and (tmp_path / "grid.png").is_file()
     assert all((tmp_path / image["file"]).is_file() for image in manifest["images"])
+
+    # the folder now holds images: another generate there is refused, or replaces them all when asked
+    with pytest.raises(UserError, match="is not empty .* pass --overwrite true"):
+        generate(str(run_dir), seeds="1000", out=str(tmp_path))
+    with pytest.raises(UserError, match="is not empty"):
+        evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1000", out=str(tmp_path))
+    generate(str(run_dir), seeds="1001", out=str(tmp_path), overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["0000_seed1001.png", "0001_seed1001.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((run_dir / "tokens.safetensors").stat().st_mode) == 0o666 & ~umask  # readable as any output
 
 
 def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path):
