@@ -91,6 +91,8 @@ def main(args: list[str] | None = None) -> IPGOCLI:
     run_dir = Path(cli.trainer.default_root_dir)
     ckpt_path = cli.config.get("ckpt_path")
     last = run_dir / "checkpoints" / "last.ckpt"
+    if cli.trainer.max_epochs == 0:
+        raise ConfigError("trainer.max_epochs is 0, so nothing would be optimised: give it at least 1")
     if ckpt_path is None:
         refuse_used_folder(run_dir)
     if ckpt_path == "last" and not last.exists():

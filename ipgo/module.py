@@ -216,6 +216,8 @@ class IPGOModule(L.LightningModule):
         self.select = select
         self.report_prompts = report_prompts
         self.image_every_n_epochs = image_every_n_epochs
+        if report_prompts < 0:
+            raise ConfigError(f"report_prompts must be >= 0 (0: no before/after renders), got {report_prompts}")
         if prompt_attention and mode != "prompt-batch":
             raise ConfigError("prompt_attention (IPGO+) is a prompt-batch variant: set mode=prompt-batch")
         self.prompt_attention = prompt_attention
@@ -419,10 +421,13 @@ class IPGOModule(L.LightningModule):
         bad = ~torch.isfinite(rewards).all(dim=1)
         if bad.any():
             prompt = prompts[int(bad.nonzero()[0])]
+            hint = ("With float16 weights this is usually an overflow: use backbone dtype bfloat16 or float32, or a "
+                    "lower learning rate." if self.backbone.dtype == torch.float16 else
+                    "The tokens may have diverged: try a lower learning rate or grad_clip; or the reward model "
+                    "fails on these images.")
             raise NonFiniteRewardError(
                 f"reward {self.reward.name!r} is NaN or infinite for prompt {prompt!r} at step {self.global_step}. "
-                "With float16 weights this is usually an overflow: use backbone dtype bfloat16 or float32, or a "
-                "lower learning rate."
+                + hint
             )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

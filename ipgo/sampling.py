@@ -92,8 +92,9 @@ class SamplerConfig:
             raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
         if not 0 < self.grad_steps <= self.num_steps:
             raise ConfigError(f"need 0 < grad_steps <= num_steps, got {self.grad_steps} and {self.num_steps}")
-        if self.height < 8 or self.width < 8:
-            raise ConfigError(f"height and width must be >= 8, got {self.height}x{self.width}")
+        if self.height < 8 or self.width < 8 or self.height % 8 or self.width % 8:
+            raise ConfigError(f"model.sampler.height and width must be multiples of 8 (as diffusers pipelines ask), "
+                              f"got {self.height} x {self.width}")
 
 
 def initial_noise(backbone: Backbone, config: SamplerConfig, seeds: Sequence[int], device: Any) -> Tensor:

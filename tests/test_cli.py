@@ -160,6 +160,9 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
          "every reward's weight is 0"),
         ([*RUNNING, "--model.mode", "prompt-batch", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
          "keeps its statistics per process"),
+        (["--model.sampler.height", "33"], "model.sampler.height and width must be multiples of 8"),
+        (["--model.report_prompts", "-1"], "report_prompts must be >= 0"),
+        (["--trainer.max_epochs", "0"], "max_epochs is 0"),
     ]
     for args, message in cases:
         err = bad_input([*args, "--trainer.default_root_dir", out], capsys)

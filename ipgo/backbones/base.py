@@ -380,7 +380,8 @@ class Backbone(nn.Module, ABC):
     def _check_size(self, height: int, width: int) -> int:
         factor = self.vae_scale_factor
         if height % factor or width % factor:
-            raise ConfigError(f"height and width must be multiples of {factor} for {self.model!r}")
+            raise ConfigError(f"model.sampler.height and width must be multiples of {factor} for {self.model!r}, got "
+                              f"{height} x {width}")
         return factor
 
     @property
