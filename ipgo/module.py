@@ -260,6 +260,12 @@ class IPGOModule(L.LightningModule):
         all_prompts = list(train_prompts) + list(val_prompts)
         reserved = self.token_config.n_prefix + self.token_config.n_suffix
         budget = self.backbone.max_length - reserved
+        if budget < 3:
+            raise ConfigError(
+                f"{reserved} learned tokens (model.tokens.n_prefix + n_suffix) leave {max(budget, 0)} of the text "
+                f"encoder's {self.backbone.max_length} positions to the prompt, which needs at least 3 (start, a "
+                "word, end): learn fewer tokens"
+            )
         check_prompt_lengths(all_prompts, self.backbone.token_lengths(all_prompts), budget, reserved, self.too_long)
         rewards = [reward for reward in (self.reward, self.judges) if reward is not None]
         for reward in rewards:

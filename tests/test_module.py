@@ -4,7 +4,7 @@ import torch
 
 from ipgo.backbones import StableDiffusion
 from ipgo.data import PromptDataModule
-from ipgo.errors import UserError
+from ipgo.errors import ConfigError, UserError
 from ipgo.module import IPGOModule, NonFiniteRewardError, SeedConfig
 from ipgo.rewards import ClipScore, CombinedReward, RewardTerm
 from ipgo.rewards.combine import RewardSpec, RunningStats, build_reward
@@ -106,6 +106,14 @@ def test_prompt_wise_refuses_repeated_prompts_before_loading(tiny_sd_dir, tiny_c
     batch = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch")
     batch.prepare([*PROMPTS, "a blue square"])  # a shared token set: a repeat only weighs a prompt more
     assert len(batch.tokens) == 1
+
+
+def test_tokens_that_leave_no_room_for_a_prompt_are_refused_before_loading(tiny_sd_dir, tiny_clip_dir):
+    module = make_module(tiny_sd_dir, tiny_clip_dir)
+    module.token_config = TokenConfig(n_prefix=37, n_suffix=38, rank=4)
+    with pytest.raises(ConfigError, match="75 learned tokens .* leave 2 of the text encoder's 77 positions"):
+        module.prepare(["a cat"])
+    assert module.backbone.unet is None
 
 
 def test_a_judge_that_cannot_score_the_prompts_is_refused_before_loading(tiny_sd_dir, tiny_clip_dir):
