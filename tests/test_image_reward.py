@@ -176,6 +176,19 @@ def test_missing_files_fail_at_construction(tmp_path: Path, folder: Path) -> Non
         ImageReward(str(folder), tokenizer=str(tmp_path / "no-tokenizer"))
 
 
+def test_home_relative_paths_load(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  images: torch.Tensor) -> None:
+    """`~` in the config and tokenizer paths works at load time too, not only in the construction checks."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(folder, home / "ir")
+    monkeypatch.setenv("HOME", str(home))
+    reward = ImageReward(str(folder / "ImageReward.pt"), tokenizer="~/ir", config="~/ir/config.json")
+    reward.load()
+    assert reward(images, ["a cat"] * len(images)).isfinite().all()
+
+
 def test_missing_tokenizer_offline(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 

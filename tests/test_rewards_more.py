@@ -263,7 +263,7 @@ def test_hps_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
 
 def test_hps_unknown_architecture(hps_file: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no-such-arch"):
-        HPSv2(str(hps_file), model_name="no-such-arch").load()
+        HPSv2(str(hps_file), model_name="no-such-arch")  # at construction, before any model loads
 
 
 def test_hps_checkpoint_of_another_architecture(hps_file: Path) -> None:

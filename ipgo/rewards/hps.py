@@ -30,6 +30,19 @@ _HPS_HINT = (
 )
 
 
+def _check_model_name(model_name: str, checkpoint: Path) -> Path:
+    """The open_clip config file a model name needs beside the checkpoint; refuses a name open_clip does not know."""
+    import open_clip
+
+    config = checkpoint.with_name(f"{model_name}.json")
+    if model_name not in open_clip.list_models() and not config.is_file():
+        raise ModelNotFoundError(
+            f"HPSv2: unknown open_clip model {model_name!r} (use 'ViT-H-14', or put {model_name}.json next to the "
+            "checkpoint)."
+        )
+    return config
+
+
 class HPSv2(Reward):
     """Human Preference Score v2 of images against their prompts (higher is better).
 
@@ -49,6 +62,7 @@ class HPSv2(Reward):
             if not path.is_file():
                 raise ModelNotFoundError(f"HPSv2 checkpoint {str(path)!r} is not a file. {_HPS_HINT}")
             self.checkpoint = str(path)
+            _check_model_name(model_name, path)
         self.model_name = model_name
         self.model: Any = None
         self.tokenizer: Any = None
@@ -60,14 +74,9 @@ class HPSv2(Reward):
         import open_clip
 
         path = Path(resolve_source(self.checkpoint))
-        config = path.with_name(f"{self.model_name}.json")
-        if self.model_name not in open_clip.list_models() and config.is_file():
-            open_clip.add_model_config(config)
+        config = _check_model_name(self.model_name, path)
         if self.model_name not in open_clip.list_models():
-            raise ModelNotFoundError(
-                f"HPSv2: unknown open_clip model {self.model_name!r} (use 'ViT-H-14', or put "
-                f"{self.model_name}.json next to the checkpoint)."
-            )
+            open_clip.add_model_config(config)
         try:
             model = open_clip.create_model(self.model_name, pretrained=str(path), require_pretrained=True)
         except (RuntimeError, AssertionError, KeyError) as err:  # key/shape mismatches in open_clip's loader

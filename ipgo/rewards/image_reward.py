@@ -293,10 +293,14 @@ class ImageReward(Reward):
             if not path.exists():
                 raise ModelNotFoundError(f"ImageReward checkpoint {str(path)!r} does not exist. {_HINT}")
             self.checkpoint = str(path)
-        if config is not None and not Path(config).expanduser().is_file():
-            raise ModelNotFoundError(f"ImageReward config {config!r} is not a file.")
-        if looks_local(tokenizer) and not Path(tokenizer).expanduser().exists():
-            raise ModelNotFoundError(f"ImageReward tokenizer {tokenizer!r} does not exist. {_TOKENIZER_HINT}")
+        if config is not None:
+            config = str(Path(config).expanduser())
+            if not Path(config).is_file():
+                raise ModelNotFoundError(f"ImageReward config {config!r} is not a file.")
+        if looks_local(tokenizer):
+            tokenizer = str(Path(tokenizer).expanduser())
+            if not Path(tokenizer).exists():
+                raise ModelNotFoundError(f"ImageReward tokenizer {tokenizer!r} does not exist. {_TOKENIZER_HINT}")
         self.tokenizer_source = tokenizer
         self.config_path = config
         self.model: ImageRewardModel | None = None
@@ -318,19 +322,19 @@ class ImageReward(Reward):
 
     def _load(self) -> None:
         path, config, tokenizer_source = self._files()
+        vision, text = read_config(config)  # the cheap files first: their errors come before the 1.7 GB read
+        tokenizer = load_tokenizer(tokenizer_source)
+        if len(tokenizer) != text["vocab_size"]:
+            raise UserError(
+                f"ImageReward: the tokenizer {tokenizer_source!r} has {len(tokenizer)} tokens with [DEC] and [ENC] "
+                f"but the text encoder has {text['vocab_size']}; use bert-base-uncased's tokenizer."
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
             state = state["state_dict"]
         if not isinstance(state, Mapping):
             raise WeightsFormatError(
                 f"ImageReward checkpoint {str(path)!r}: expected a state dict, found {type(state).__name__}."
-            )
-        vision, text = read_config(config)
-        tokenizer = load_tokenizer(tokenizer_source)
-        if len(tokenizer) != text["vocab_size"]:
-            raise UserError(
-                f"ImageReward: the tokenizer {tokenizer_source!r} has {len(tokenizer)} tokens with [DEC] and [ENC] "
-                f"but the text encoder has {text['vocab_size']}; use bert-base-uncased's tokenizer."
             )
         text.update(bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id)
         text.update(eos_token_id=tokenizer.sep_token_id)  # metadata only: the score never generates
