@@ -101,11 +101,18 @@ def summary_statistics(scores: Tensor) -> dict:
 
 
 @torch.no_grad()
-def score(reward: CombinedReward, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
-    """Every component's scores (prompts, seeds) of images (prompts, seeds, 3, H, W); NaN or infinite is an error."""
-    flat = images.flatten(0, 1).to(next(reward.buffers()).device)
-    reward(flat, [p for p in prompts for _ in range(images.shape[1])])
-    scores = {name: values.float().cpu().view(images.shape[:2]) for name, values in reward.components.items()}
+@torch.no_grad()
+def score(reward: CombinedReward, images: Tensor, prompts: Sequence[str], batch_size: int = 32) -> dict[str, Tensor]:
+    """Every component's scores (prompts, seeds) of images (prompts, seeds, 3, H, W), `batch_size` images on the
+    device at a time; NaN or infinite is an error."""
+    flat, device = images.flatten(0, 1), next(reward.buffers()).device
+    texts = [p for p in prompts for _ in range(images.shape[1])]
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, len(flat), batch_size):
+        reward(flat[start:start + batch_size].to(device), texts[start:start + batch_size])
+        for name, values in reward.components.items():
+            parts.setdefault(name, []).append(values.float().cpu())
+    scores = {name: torch.cat(values).view(images.shape[:2]) for name, values in parts.items()}
     for name, values in scores.items():
         bad = ~torch.isfinite(values).all(dim=1)
         if bad.any():

@@ -209,6 +209,9 @@ def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tm
 
     reward = build_reward(REWARDS[:1])
     reward.load()
+    images = torch.rand(3, 2, 3, 32, 32)
+    whole, chunked = score(reward, images, ["a", "b", "c"]), score(reward, images, ["a", "b", "c"], batch_size=4)
+    torch.testing.assert_close(chunked["clip_score"], whole["clip_score"])  # scored a few images at a time
     images = torch.rand(2, 1, 3, 32, 32)
     images[1, 0, :, 0, 0] = float("nan")
     with pytest.raises(NonFiniteRewardError, match="'clip_score' is NaN or infinite for prompt 'b'"):
