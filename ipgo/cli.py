@@ -129,7 +129,7 @@ def refuse_used_folder(run_dir: Path) -> None:
             f"{run_dir} holds an unfinished run ({last}): resume it with --ckpt_path last, or choose a new folder "
             "with --trainer.default_root_dir."
         )
-    present = sorted(path.name for path in run_dir.iterdir() if not _left_before_training(path)) \
+    present = sorted(path.name for path in run_dir.iterdir() if not _left_by_a_stopped_run(path)) \
         if run_dir.is_dir() else []
     if present:
         raise RunFolderExistsError(
@@ -139,13 +139,14 @@ def refuse_used_folder(run_dir: Path) -> None:
         )
 
 
-def _left_before_training(path: Path) -> bool:
-    """What a run writes before its first checkpoint (logs, its config): a run that stopped there, e.g. on a
-    typo in the prompt file, left nothing to keep, and the next run may write over it."""
+def _left_by_a_stopped_run(path: Path) -> bool:
+    """What a run that cannot be resumed leaves: its logs and config (stopped before its first checkpoint, e.g. on
+    a typo in the prompt file) or a multi-process run's shards. Nothing there to keep: the next run may write over
+    it (stale shards are never merged)."""
     if path.name == "config.yaml":
         with path.open(encoding="utf-8", errors="replace") as file:
             return file.readline().startswith("# lightning.pytorch==")  # LightningCLI's header, not a user's file
-    return path.name in ("csv", "checkpoints") or path.name.startswith("events.out.tfevents.")
+    return path.name in ("csv", "checkpoints", "shards") or path.name.startswith("events.out.tfevents.")
 
 
 def run(args: list[str] | None = None) -> None:

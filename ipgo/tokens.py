@@ -42,7 +42,9 @@ class TokenConfig:
     n_suffix: int = 10
     """Number of learned tokens placed after the prompt's tokens (0 disables the suffix)."""
     rank: int = 32
-    """Columns m of the orthonormal basis E (D x m) of each side; must not exceed D."""
+    """Columns m of the orthonormal basis E (D x m) of each side; must not exceed D. Before rotation a side's n
+    tokens lie in E's m-dimensional span, so only m < n limits the rank of their matrix; the notebook's m = 300
+    for 10 tokens is an over-complete dictionary, not a low-rank constraint."""
     bound: float = 1.0
     """Range b of the coefficients: every z stays in [-b, b]."""
     rotation_angles: int = 2
