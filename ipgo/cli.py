@@ -146,7 +146,9 @@ def _left_by_a_stopped_run(path: Path) -> bool:
     if path.name == "config.yaml":
         with path.open(encoding="utf-8", errors="replace") as file:
             return file.readline().startswith("# lightning.pytorch==")  # LightningCLI's header, not a user's file
-    return path.name in ("csv", "checkpoints", "shards") or path.name.startswith("events.out.tfevents.")
+    if path.name == "checkpoints":
+        return path.is_dir() and not any(path.iterdir())
+    return path.name in ("csv", "shards", "hparams.yaml") or path.name.startswith("events.out.tfevents.")
 
 
 def run(args: list[str] | None = None) -> None:

@@ -44,6 +44,9 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
                 f"{path.name} has no column {key!r}; its columns are {sorted(rows[0])}. "
                 "Choose one with --data.column NAME"
             )
+        missing = next((number for number, row in enumerate(rows, 1) if row.get(key) is None), None)
+        if suffix == ".jsonl" and missing is not None:
+            raise PromptFileError(f"{path.name} row {missing} has no {key!r}: give every row one")
         prompts = [str(row.get(key) or "").strip() for row in rows]
     else:
         raise PromptFileError(f"unsupported prompt file type {path.suffix!r}: use .txt, .csv or .jsonl")
@@ -52,13 +55,20 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
         raise PromptFileError(f"prompt file {str(path)!r} has no prompts: add one prompt per line (or row)")
     seen: dict[str, int] = {}
     for number, prompt in enumerate(prompts, 1):
-        if prompt in seen:
+        earlier = seen.get(prompt_key(prompt))
+        if earlier is not None:
+            differs = "" if prompts[earlier - 1] == prompt else f" but for case or spacing ({prompts[earlier - 1]!r})"
             raise PromptFileError(
-                f"{path.name}: prompt {number} repeats prompt {seen[prompt]} ({prompt!r}); a prompt may appear once "
-                "(a repeat would be optimised twice, or fall on both sides of a validation split): remove it"
+                f"{path.name}: prompt {number} ({prompt!r}) repeats prompt {earlier}{differs}; a prompt may appear "
+                "once (a repeat would be optimised twice, or fall on both sides of a validation split): remove it"
             )
-        seen[prompt] = number
+        seen[prompt_key(prompt)] = number
     return prompts
+
+
+def prompt_key(prompt: str) -> str:
+    """What makes two prompts the same one: CLIP's tokenizers ignore case and spacing."""
+    return " ".join(prompt.split()).casefold()
 
 
 def _lines(path: Path) -> list[str]:

@@ -39,9 +39,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ipgo.data import read_prompts
+from ipgo.data import prompt_key, read_prompts
 from ipgo.errors import NonFiniteRewardError, UserError, reported
-from ipgo.export import TokenFile, load_tokens, token_embeds
+from ipgo.export import TokenFile, check_tokens, load_tokens
 from ipgo.files import check_output_folder, write_text
 from ipgo.generate import check_held_out, load_pipeline, parse_seeds, render, sampler_settings
 from ipgo.report import save_image_grid
@@ -100,7 +100,6 @@ def summary_statistics(scores: Tensor) -> dict:
     return {"n": scores.numel(), "mean": float(scores.mean()), "stderr": stderr}
 
 
-@torch.no_grad()
 @torch.no_grad()
 def score(reward: CombinedReward, images: Tensor, prompts: Sequence[str], batch_size: int = 32) -> dict[str, Tensor]:
     """Every component's scores (prompts, seeds) of images (prompts, seeds, 3, H, W), `batch_size` images on the
@@ -174,7 +173,8 @@ def evaluate(
         used = check_held_out(tokens, seed_list, allow_training_seeds)
         flags[name] = [f"seeds {used} were used in optimisation"] if used else []
         if tokens.train_prompts is not None:
-            seen = sorted(set(tokens.train_prompts) & set(prompt_list))
+            trained = {prompt_key(p) for p in tokens.train_prompts}
+            seen = sorted(p for p in prompt_list if prompt_key(p) in trained)
             if seen and not allow_training_prompts:
                 raise UserError(
                     f"{len(seen)} evaluation prompts (e.g. {seen[0]!r}) were in the training split of {name!r}; "
@@ -206,8 +206,8 @@ def evaluate(
             f"scored ({', '.join(reward.names)}): add it to --rewards or set --selection_reward"
         )
     pipe = load_pipeline(first, model, device, dtype)
-    for tokens in token_files.values():  # the tokens fit this model and the prompts fit beside them
-        token_embeds(pipe, tokens, prompt_list)
+    for tokens in token_files.values():
+        check_tokens(pipe, tokens, prompt_list)
     reward = reward.to(device)
     reward.load()
     out_dir = Path(out)
@@ -229,6 +229,8 @@ def evaluate(
     metrics["settings"] = {"prompts": prompt_list, "seeds": seed_list, "rewards": list(reward.names),
                            "selection_reward": selector if n else None, "best_of_n": n, "bootstrap": bootstrap,
                            "tie_tolerance": tie_tolerance}
+    for earlier in out_dir.glob("grid_*.png"):  # an earlier evaluation's (with --overwrite): other methods, maybe
+        earlier.unlink()
     for name, method_images in images.items():
         if name != "raw":
             grid = torch.cat([torch.cat([r, m]) for r, m in zip(images["raw"], method_images)])

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ipgo.backbones import backbone_for_pipeline
+from ipgo.backbones.base import check_prompt_lengths
 from ipgo.errors import UserError
 from ipgo.files import atomic_path
 from ipgo.inject import conditioning
@@ -74,7 +75,8 @@ class TokenFile:
         if not self.per_prompt:
             b = len(prompts)
             return self.prefix.expand(b, -1, -1), self.suffix.expand(b, -1, -1)
-        position = {p: i for i, p in enumerate(self.prompts)}
+        position = {" ".join(p.split()): i for i, p in enumerate(self.prompts)}  # as tokenizers see spacing
+        prompts = [" ".join(p.split()) for p in prompts]
         unknown = [p for p in prompts if p not in position]
         if unknown:
             known = ", ".join(repr(p) for p in self.prompts[:3])
@@ -115,9 +117,9 @@ def save_tokens(path: str | os.PathLike, tokens: TokenFile) -> Path:
         **tokens.extra,
     }
     if tokens.prompts is not None:
-        metadata["prompts"] = json.dumps(tokens.prompts)
+        metadata["prompts"] = json.dumps(tokens.prompts, ensure_ascii=False)  # escapes would double a CJK prompt set
     if tokens.train_prompts is not None:
-        metadata["train_prompts"] = json.dumps(tokens.train_prompts)
+        metadata["train_prompts"] = json.dumps(tokens.train_prompts, ensure_ascii=False)
     tensors = {
         "prefix": tokens.prefix.detach().float().cpu().contiguous(),
         "suffix": tokens.suffix.detach().float().cpu().contiguous(),
@@ -180,6 +182,17 @@ def _check_shapes(tokens: TokenFile, metadata: dict[str, str], path: Path) -> No
                 f"({tokens.mode}, {len(tokens.prompts or [])} prompts, hidden size {tokens.hidden_size}) needs "
                 f"{shape}. Export the tokens again from their run."
             )
+
+
+def check_tokens(pipe: Any, tokens: TokenFile, prompts: Sequence[str]) -> None:
+    """Refuse, before anything renders, tokens made for another model and prompts too long to fit beside them
+    (with too_long=error); reads the tokenizers, encodes no prompt."""
+    backbone = backbone_for_pipeline(pipe)
+    tokens.check_fits(backbone.family, backbone.hidden_size, backbone.model)
+    if tokens.too_long == "error":
+        reserved = tokens.prefix.shape[-2] + tokens.suffix.shape[-2]
+        check_prompt_lengths(prompts, backbone.token_lengths(prompts), backbone.max_length - reserved, reserved,
+                             "error")
 
 
 @torch.no_grad()

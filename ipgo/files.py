@@ -19,16 +19,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         yield tmp
-        os.chmod(tmp, _new_file_mode())  # some writers (safetensors) create files only their owner can read
+        os.chmod(tmp, _NEW_FILE_MODE)  # some writers (safetensors) create files only their owner can read
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _new_file_mode() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # reading it means setting it: done once, at import, before any thread writes files
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+_NEW_FILE_MODE = 0o666 & ~_read_umask()
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ipgo.data import read_prompts
 from ipgo.errors import UserError, reported
-from ipgo.export import TokenFile, TokenFileError, apply_tokens, load_tokens, remove_tokens, token_embeds
+from ipgo.export import TokenFile, TokenFileError, apply_tokens, check_tokens, load_tokens, remove_tokens
 from ipgo.files import atomic_path, check_output_folder, write_text
 from ipgo.report import save_image_grid
 from ipgo.sampling import make_scheduler
@@ -214,7 +214,7 @@ def generate(
         raise UserError("these are shared (prompt-batch) tokens: give the prompts to render with --prompts FILE")
     token_file.tokens_for(prompt_list)  # a prompt-wise file must hold every prompt: checked before loading
     pipe = load_pipeline(token_file, model, device, dtype)
-    token_embeds(pipe, token_file, prompt_list)  # the tokens fit this model and the prompts fit beside them
+    check_tokens(pipe, token_file, prompt_list)
     renders = Renders(prompt_list, seed_list, render(pipe, token_file, prompt_list, seed_list, tuned=False),
                       render(pipe, token_file, prompt_list, seed_list, tuned=True))
     remove_earlier_renders(Path(out))

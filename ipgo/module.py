@@ -217,7 +217,7 @@ class IPGOModule(L.LightningModule):
         self.report_prompts = report_prompts
         self.image_every_n_epochs = image_every_n_epochs
         if report_prompts < 0:
-            raise ConfigError(f"report_prompts must be >= 0 (0: no before/after renders), got {report_prompts}")
+            raise ConfigError(f"model.report_prompts must be >= 0 (0: no before/after renders), got {report_prompts}")
         if prompt_attention and mode != "prompt-batch":
             raise ConfigError("prompt_attention (IPGO+) is a prompt-batch variant: set mode=prompt-batch")
         self.prompt_attention = prompt_attention
@@ -450,7 +450,8 @@ class IPGOModule(L.LightningModule):
         prompts = list(batch["prompt"])
         prefix, suffix = self.token_vectors(torch.zeros(len(prompts), dtype=torch.long))
         rewards = self.score(prompts, self.seeds.eval, prefix, suffix)
-        self.log("val/reward", rewards.mean(), batch_size=rewards.numel(), prog_bar=True)
+        # averaged over the processes' shares of the validation prompts
+        self.log("val/reward", rewards.mean(), batch_size=rewards.numel(), prog_bar=True, sync_dist=True)
 
     # -- rendering -------------------------------------------------------------------------
     @torch.no_grad()

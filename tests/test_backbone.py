@@ -65,5 +65,7 @@ def test_guidance_distilled_unets_are_refused(tiny_sd_dir, tmp_path):
     shutil.copytree(tiny_sd_dir, folder)
     config_path = folder / "unet/config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "time_cond_proj_dim": 8}))
+    backbone = StableDiffusion(str(folder))
     with pytest.raises(UserError, match="guidance-distilled UNet .* use the base model"):
-        StableDiffusion(str(folder)).load()
+        backbone.load()
+    assert backbone.text_encoder is None and backbone.unet is None  # refused from its config: no weights loaded

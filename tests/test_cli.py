@@ -86,14 +86,27 @@ def test_an_interrupted_run_resumes_from_its_last_finished_epoch(tmp_path, monke
     assert (a["prefix"] - b["prefix"]).abs().max() < 1e-6
 
 
-def test_a_fresh_run_refuses_a_folder_with_files(tmp_path):
-    """Nothing a user keeps in a folder is overwritten by a run pointed at it."""
+def test_a_fresh_run_refuses_a_folder_with_files(tmp_path, monkeypatch):
+    """Nothing a user keeps in a folder is overwritten by a run pointed at it; what a run that died before its
+    first checkpoint left (logs, config, hyperparameters) is no reason to refuse the same command again."""
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "config.yaml").write_text("my own notes\n")
     with pytest.raises(RunFolderExistsError, match=r"is not empty \(config.yaml\)"):
         main([*QUICK, "--trainer.default_root_dir", str(folder)])
     assert (folder / "config.yaml").read_text() == "my own notes\n"
+
+    def out_of_memory(*args):
+        raise RuntimeError("out of memory")
+
+    crashed = tmp_path / "crashed"
+    with monkeypatch.context() as patched:
+        patched.setattr(IPGOModule, "training_step", out_of_memory)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            main([*QUICK, "--trainer.default_root_dir", str(crashed)])
+    assert (crashed / "hparams.yaml").is_file() and not (crashed / "checkpoints/last.ckpt").exists()
+    main([*QUICK, "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(crashed)])
+    assert (crashed / "summary.json").is_file()
 
 
 @pytest.mark.slow
@@ -179,6 +192,10 @@ REWARD_CHOICES = {
                  "{name: pickscore, weight: 0.5, normalize: fixed, scale: 2.0, args: {model: 'tiny:clip', "
                  "processor: 'tiny:clip'}}, {name: image_reward, weight: 0.2, args: {checkpoint: "
                  "'tiny:image-reward'}}]"],
+    # running statistics (prompt-batch only), and a judge logged beside the optimised reward at weight 0
+    "running": ["--model.mode", "prompt-batch", "--model.reward", "null", "--model.rewards",
+                "[{name: clip_score, normalize: running, args: {model: 'tiny:clip'}}, {name: aesthetic, weight: 0, "
+                "args: {head: 'tiny:aesthetic-head', clip_model: 'tiny:clip'}}]"],
 }
 
 
@@ -193,6 +210,8 @@ def test_demo_runs_with_each_reward(choice, tmp_path):
     if choice == "combined":
         assert {"train/hpsv2_epoch", "train/pickscore_epoch", "train/image_reward_epoch"} <= set(metrics.split(","))
         assert [name for name in cli.model.reward.components] == ["hpsv2", "pickscore", "image_reward"]
+    if choice == "running":
+        assert "train/aesthetic_epoch" in metrics.split(",") and cli.model.reward.stats["clip_score"].count > 0
 
 
 def test_unknown_reward_name_lists_the_known_ones(capsys):

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -25,12 +26,15 @@ def test_prompt_sources(tmp_path):
     ("p.txt", "a cat\n", "prompt", "remove data.column"),
     ("p.json", "[]", None, "use .txt, .csv or .jsonl"),
     ("p.txt", " \n\n", None, "has no prompts"),
-    ("p.txt", "a cat\na dog\na cat\n", None, "prompt 3 repeats prompt 1 "),
+    ("p.txt", "a cat\na dog\na cat\n", None, "prompt 3 ('a cat') repeats prompt 1;"),
+    ("p.txt", "a photo of a cat\nA photo of a  cat\n", None,
+     "prompt 2 ('A photo of a  cat') repeats prompt 1 but for case or spacing ('a photo of a cat')"),
+    ("p.jsonl", '{"prompt": "a"}\n{"text": "b"}\n', None, "row 2 has no 'prompt'"),
     ("p.jsonl", '"a cat"\n', None, "line 1 is not a JSON object"),
 ])
 def test_bad_prompt_files(tmp_path, name, text, column, message):
     (tmp_path / name).write_text(text)
-    with pytest.raises(PromptFileError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(PromptFileError, match=re.escape(message)):
         read_prompts(tmp_path / name, column)
     with pytest.raises(PromptFileError, match="does not exist"):
         read_prompts(tmp_path / "missing.txt")

@@ -80,6 +80,9 @@ def test_mismatched_or_bad_token_files(tiny_sd_dir, tiny_clip_dir, tmp_path):
         ipgo.apply_tokens(pipe, save_tokens(tmp_path / "wrong.safetensors", wrong))
     with pytest.raises(TokenFileError, match="no tokens for 'a green triangle'"):
         ipgo.token_embeds(pipe, tokens, "a green triangle")
+    prompt = tokens.prompts[0]
+    spaced = "  " + prompt.replace(" ", "  ") + " "  # the tokenizer sees the same prompt
+    assert torch.equal(tokens.tokens_for([spaced])[0], tokens.tokens_for([prompt])[0])
     damaged = TokenFile(torch.zeros(2, 16), torch.zeros(3, 16), family="sd", base_model="tiny", hidden_size=32)
     with pytest.raises(TokenFileError, match=r"damaged: its prefix has shape \(2, 16\).* needs \(2, 32\)"):
         load_tokens(save_tokens(tmp_path / "damaged.safetensors", damaged))

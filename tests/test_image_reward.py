@@ -162,7 +162,8 @@ def test_broken_checkpoints_fail_clearly(folder: Path, tmp_path: Path) -> None:
     (tmp_path / "list").mkdir()
     torch.save([1, 2], tmp_path / "list" / CHECKPOINT_NAME)
     with pytest.raises(WeightsFormatError, match="expected a state dict"):
-        ImageReward(str(tmp_path / "list" / CHECKPOINT_NAME), config=str(folder / "config.json")).load()
+        ImageReward(str(tmp_path / "list" / CHECKPOINT_NAME), config=str(folder / "config.json"),
+                    tokenizer=str(folder)).load()
 
 
 def test_missing_files_fail_at_construction(tmp_path: Path, folder: Path) -> None:

@@ -130,11 +130,11 @@ def test_running_normalisation_statistics_survive_a_resume(tiny_sd_dir, tiny_cli
         module.reward = CombinedReward([RewardTerm(ClipScore(str(tiny_clip_dir)), normalize="running")])
         return module
 
-    module = running(make_module(tiny_sd_dir, tiny_clip_dir))
+    module = running(make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch"))
     module.reward.stats["clip_score"].update(torch.tensor([1.0, 3.0]))
     checkpoint = {}
     module.on_save_checkpoint(checkpoint)
-    resumed = running(make_module(tiny_sd_dir, tiny_clip_dir))
+    resumed = running(make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch"))
     resumed.on_load_checkpoint(checkpoint)
     assert resumed.reward.stats["clip_score"] == RunningStats(count=2, mean=2.0, m2=2.0)
 

@@ -17,6 +17,7 @@ from ipgo.rewards import (
     PickScore,
     Reward,
     RewardTerm,
+    ShapesOracle,
     UnknownRewardError,
     differentiable_preprocess,
     reward_class,
@@ -172,6 +173,8 @@ def test_a_zero_weight_term_is_only_logged(clip_score: ClipScore, images: torch.
     torch.testing.assert_close(total, combined.components["clip_score"])
     assert combined.components["broken"].isnan().all()
     assert torch.isfinite(combined.combine(torch.stack(list(combined.components.values()), dim=-1))).all()
+    judged = CombinedReward([RewardTerm(clip_score), RewardTerm(ShapesOracle(), weight=0.0)])
+    assert judged.differentiable  # an exact judge logged beside the optimised reward
     stats = RunningStats()
     stats.update(torch.tensor([1.0, float("nan"), 3.0, float("inf")]))
     assert (stats.count, stats.mean, stats.std) == (2, 2.0, pytest.approx(2**0.5))

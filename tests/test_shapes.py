@@ -1,6 +1,10 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
+import ipgo.shapes
 from ipgo.shapes import all_scenes, caption, caption_split, parse, read, render, score
 
 
@@ -96,6 +100,21 @@ def test_training_smoke_run_gives_loadable_models(tmp_path):
     reward.load()
     assert reward(image[None], ["a blue square on the right"]).shape == (1,)
     assert auc([0.9, 0.8, 0.1], [True, True, False]) == 1.0 and auc([0.1, 0.9], [True, False]) == 0.0
+
+
+def test_a_rebuild_keeps_only_a_model_trained_the_same_way(tmp_path):
+    """build() keeps a finished text-to-image model only if every setting it records matches, the steps of the
+    text tower it started from included."""
+    from ipgo.shapes.train import SCHEDULER, UNET, finished_model
+
+    settings = {"unet_steps": 1200, "seed": 0, "unet": UNET, "scheduler": SCHEDULER,
+                "held_out": caption_split()[1], "text_steps": 300}
+    assert finished_model(tmp_path, settings) is None
+    shipped = json.loads((Path(ipgo.shapes.__file__).parent / "weights/sd/training.json").read_text())
+    (tmp_path / "training.json").write_text(json.dumps(shipped))
+    assert finished_model(tmp_path, settings) == shipped  # the shipped model records the build's settings
+    assert finished_model(tmp_path, {**settings, "text_steps": 100}) is None
+    assert finished_model(tmp_path, {**settings, "seed": 1}) is None
 
 
 def test_oracle_judges_but_cannot_be_optimised():

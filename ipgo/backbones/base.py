@@ -253,17 +253,20 @@ class Backbone(nn.Module, ABC):
         part = self._from_pretrained(cls, subfolder, what, dtype=dtype or self.dtype, variant=self.variant)
         return part.requires_grad_(False).eval()
 
-    def _load_unet(self) -> nn.Module:
+    def _check_unet(self) -> None:
+        """Refuse a UNet the sampler cannot run, from its config (before any weights load)."""
         from diffusers import UNet2DConditionModel
 
-        unet = self._load_weights(UNet2DConditionModel, "unet", "UNet")
-        if unet.config.get("time_cond_proj_dim") is not None:
+        try:
+            config = UNet2DConditionModel.load_config(self.source, subfolder="unet", revision=self.revision)
+        except OSError as error:
+            raise load_error(self.model, "UNet", error) from error
+        if config.get("time_cond_proj_dim") is not None:
             raise UserError(
                 f"{self.model!r} has a guidance-distilled UNet (time_cond_proj_dim is set, as in LCM models), which "
                 "its pipeline samples without classifier-free guidance and with a guidance embedding that ipgo's "
                 "sampler does not give: use the base model it was distilled from"
             )
-        return unet
 
     def _load_configs(self) -> None:
         from diffusers import DDIMScheduler, DiffusionPipeline

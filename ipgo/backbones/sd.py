@@ -35,12 +35,13 @@ class StableDiffusion(Backbone):
     def load(self) -> None:
         if self.unet is not None:
             return
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
         self.load_tokenizer()
+        self._check_unet()
         self.text_encoder = self._load_weights(CLIPTextModel, "text_encoder", "text encoder")
-        self.unet = self._load_unet()
+        self.unet = self._load_weights(UNet2DConditionModel, "unet", "UNet")
         self.vae = self._load_weights(AutoencoderKL, "vae", "VAE")
         self._load_configs()
         if self.gradient_checkpointing:

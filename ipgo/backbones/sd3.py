@@ -124,8 +124,8 @@ class StableDiffusion3(Backbone):
         factor = super()._check_size(height, width)
         patch = int(self._loaded(self.transformer).config.patch_size)
         if (height // factor) % patch or (width // factor) % patch:
-            raise ConfigError(f"height and width must be multiples of {factor * patch} for {self.model!r} (VAE "
-                              f"factor {factor} x the transformer's patch size {patch})")
+            raise ConfigError(f"model.sampler.height and width must be multiples of {factor * patch} for "
+                              f"{self.model!r} (VAE factor {factor} x the transformer's patch size {patch})")
         return factor
 
     def decode(self, latents: Tensor) -> Tensor:

@@ -46,13 +46,14 @@ class StableDiffusionXL(Backbone):
     def load(self) -> None:
         if self.unet is not None:
             return
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         self.load_tokenizer()
+        self._check_unet()
         self.text_encoder = self._load_weights(CLIPTextModel, "text_encoder", "text encoder")
         self.text_encoder_2 = self._load_weights(CLIPTextModelWithProjection, "text_encoder_2", "second text encoder")
-        self.unet = self._load_unet()
+        self.unet = self._load_weights(UNet2DConditionModel, "unet", "UNet")
         vae_config = AutoencoderKL.load_config(self.source, subfolder="vae", revision=self.revision)
         upcast = vae_config.get("force_upcast", True) and self.dtype == torch.float16
         self.vae = self._load_weights(AutoencoderKL, "vae", "VAE")

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+import torch
 from torch import Tensor, nn
 
 from ipgo.errors import UserError
@@ -183,7 +184,7 @@ class CombinedReward(Reward):
             self.names.append(name)
         self.stats = {name: RunningStats() for name in self.names}
         self.update_statistics = True
-        self.differentiable = all(term.reward.differentiable for term in self.terms)
+        self.differentiable = all(term.reward.differentiable for term in self.terms if term.weight != 0)
         self.components: dict[str, Tensor] = {}
 
     def _load(self) -> None:
@@ -198,10 +199,12 @@ class CombinedReward(Reward):
         total: Tensor | None = None
         self.components = {}
         for name, term in zip(self.names, self.terms):
+            if term.weight == 0:  # only logged: no gradient, and it must not move the total (0 * NaN is NaN)
+                with torch.no_grad():
+                    self.components[name] = term.reward(images, prompts)
+                continue
             raw = term.reward(images, prompts)
             self.components[name] = raw.detach()
-            if term.weight == 0:  # only logged: it must not move the total (0 * NaN is NaN)
-                continue
             total_term = term.weight * self._normalize(name, term, raw)
             total = total_term if total is None else total + total_term
         return total if total is not None else images.new_zeros(len(prompts))
@@ -226,7 +229,8 @@ class CombinedReward(Reward):
 
 def uses_running_statistics(reward: Reward) -> bool:
     """Whether `reward` normalises any term with running statistics (which move with every batch scored)."""
-    return isinstance(reward, CombinedReward) and any(term.normalize == "running" for term in reward.terms)
+    return isinstance(reward, CombinedReward) and any(term.normalize == "running" and term.weight != 0
+                                                      for term in reward.terms)
 
 
 @contextmanager

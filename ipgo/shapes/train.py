@@ -182,6 +182,14 @@ def train(out: str, steps: int = 1200, decoder_steps: int = 300, batch_size: int
     return path
 
 
+def finished_model(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The training record of the model in `folder` if it was trained with these settings (so it is kept)."""
+    done = folder / "training.json"
+    record = json.loads(done.read_text()) if done.is_file() else {}
+    same = json.loads(json.dumps(settings))  # through JSON, so that tuples equal the lists the record holds
+    return record if record and all(record.get(key) == value for key, value in same.items()) else None
+
+
 def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 300, seed: int = 0) -> dict[str, Any]:
     """Train the CLIP text tower, the text-to-image model from it, then the CLIP reward on rendered and
     generated images; measure the targets of issue 7 into `metrics.json`.
@@ -190,7 +198,7 @@ def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 
     (2) the text-to-image model (`steps`); (3) the CLIP reward (`clip_steps`), on from (1), with the
     model's samples of training captions in the mix. Leaves sd/ and clip/ (the shipped models),
     build.json (command, seconds per stage) and metrics.json in `out`. A finished sd/ stage of the
-    same steps, seed, UNet, schedule and held-out split is kept.
+    same steps, seed, UNet, schedule, held-out split and text-tower steps is kept.
     """
     import shutil
 
@@ -205,14 +213,14 @@ def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 
     started = time.time()
     text_clip = train_clip(root / "clip-text", steps=text_steps, seed=seed)
     seconds["clip_text"] = time.time() - started
-    done = root / "sd" / "training.json"
-    record = json.loads(done.read_text()) if done.is_file() else {}
-    # through JSON so that tuples compare equal to the lists that training.json holds
-    same = json.loads(json.dumps({"unet_steps": steps, "seed": seed, "unet": UNET, "scheduler": SCHEDULER,
-                                  "held_out": held_out}))
-    if any(record.get(key) != value for key, value in same.items()):
+    settings = {"unet_steps": steps, "seed": seed, "unet": UNET, "scheduler": SCHEDULER, "held_out": held_out,
+                "text_steps": text_steps}
+    record = finished_model(root / "sd", settings)
+    if record is None:
         train(str(root / "sd"), steps=steps, seed=seed, text_encoder_from=text_clip)
         seconds["sd"] = time.time() - started - sum(seconds.values())
+        done = root / "sd" / "training.json"  # and which text tower the text encoder started from:
+        done.write_text(json.dumps({**json.loads(done.read_text()), "text_steps": text_steps}, indent=2) + "\n")
     else:  # kept from an earlier run of the same command: count the time it took then
         seconds["sd"] = record["seconds"]
         started -= record["seconds"]
