@@ -16,6 +16,13 @@ def test_oracle_is_exact_on_rendered_scenes():
             assert result.all_correct == 1.0, caption(scene)
 
 
+def test_oracle_reads_colours_at_any_brightness_it_sees():
+    """Colours are read by hue: a dim shape (still above the foreground threshold) keeps its colour."""
+    for colour in ("red", "green", "blue", "yellow"):
+        image = render(parse(f"a {colour} square on the left")) * 0.45
+        assert read(image)["left"].colour == colour
+
+
 def test_oracle_scores_each_aspect():
     image = render(parse("a red circle on the left and a blue square on the right"))
     assert score(image, "a red circle on the left and a blue triangle on the right").__dict__ == {

@@ -159,7 +159,8 @@ def read(image: Tensor) -> dict[str, Reading]:
             readings[side] = Reading(None, None)
             continue
         mean = half[:, mask].mean(dim=1)
-        colour = list(COLOURS)[int(((palette - mean) ** 2).sum(dim=1).argmin())]
+        hue = mean / mean.max()  # by hue, not brightness: a dim yellow is nearer red than yellow in raw RGB
+        colour = list(COLOURS)[int(((palette - hue) ** 2).sum(dim=1).argmin())]
         rows, cols = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
         box = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].float()
         readings[side] = Reading(colour, _shape_of(box))
