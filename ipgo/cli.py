@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from ipgo.data import PromptDataModule
 from ipgo.errors import ConfigError, UserError, reported
+from ipgo.files import listing
 from ipgo.module import IPGOModule
 from ipgo.rewards.combine import uses_running_statistics
 
@@ -133,7 +134,7 @@ def refuse_used_folder(run_dir: Path) -> None:
         if run_dir.is_dir() else []
     if present:
         raise RunFolderExistsError(
-            f"{run_dir} is not empty ({', '.join(present[:4])}{', ...' if len(present) > 4 else ''}); a run there "
+            f"{run_dir} is not empty ({listing(present)}); a run there "
             "would overwrite its files. Choose a new folder with --trainer.default_root_dir, or empty this one "
             "(a run stopped before its first checkpoint cannot be resumed)."
         )

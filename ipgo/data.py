@@ -44,9 +44,10 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
                 f"{path.name} has no column {key!r}; its columns are {sorted(rows[0])}. "
                 "Choose one with --data.column NAME"
             )
-        missing = next((number for number, row in enumerate(rows, 1) if row.get(key) is None), None)
-        if suffix == ".jsonl" and missing is not None:
-            raise PromptFileError(f"{path.name} row {missing} has no {key!r}: give every row one")
+        if suffix == ".jsonl":
+            missing = next((number for number, row in enumerate(rows, 1) if row.get(key) is None), None)
+            if missing is not None:
+                raise PromptFileError(f"{path.name} row {missing} has no {key!r}: give every row one")
         prompts = [str(row.get(key) or "").strip() for row in rows]
     else:
         raise PromptFileError(f"unsupported prompt file type {path.suffix!r}: use .txt, .csv or .jsonl")

@@ -47,6 +47,11 @@ def check_output_folder(out: str | os.PathLike, overwrite: bool, command: str) -
     present = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
     if present and not overwrite:
         raise UserError(
-            f"{folder} is not empty ({', '.join(present[:4])}{', ...' if len(present) > 4 else ''}): {command} would "
-            "overwrite files there. Choose another --out, or pass --overwrite true."
+            f"{folder} is not empty ({listing(present)}): {command} would overwrite files there. Choose another "
+            "--out, or pass --overwrite true."
         )
+
+
+def listing(names: list[str], most: int = 4) -> str:
+    """The first few names, for a message: "a, b, c, d, ..."."""
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
