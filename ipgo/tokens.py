@@ -108,7 +108,12 @@ def rotate(tokens: Tensor, angles: Tensor) -> Tensor:
 
 
 class TokenSide(nn.Module):
-    """One side (prefix or suffix) of one token set; its tensors are stacked by `TokenSets`."""
+    """One side (prefix or suffix) of one token set; its tensors are stacked by `TokenSets`.
+
+    Only tensors that shape the tokens are parameters: an empty side has none, and a side without
+    rotation has no angles (`None`). Multi-device training (DDP) refuses parameters that never get a
+    gradient.
+    """
 
     def __init__(self, n_tokens: int, dim: int, config: TokenConfig, generator: torch.Generator) -> None:
         super().__init__()
@@ -116,7 +121,8 @@ class TokenSide(nn.Module):
             raise ConfigError(f"rank {config.rank} exceeds the hidden size {dim}: E (D x m) needs m <= D")
         self.n_tokens = n_tokens
         b, s = config.bound, config.init_scale
-        self.basis = nn.Parameter(torch.randn(dim, config.rank, generator=generator))
+        basis = torch.randn(dim, config.rank, generator=generator)  # drawn even for an empty side: the other
+        # side's init stays what it was in earlier versions
         if config.init == "uniform":
             coeffs = (torch.rand(n_tokens, config.rank, generator=generator) * 2 - 1) * s * b
         elif config.init == "normal":
@@ -125,17 +131,19 @@ class TokenSide(nn.Module):
             coeffs = torch.zeros(n_tokens, config.rank)
         else:
             raise ConfigError(f"unknown init {config.init!r}; choose uniform, normal or zeros")
-        self.coeffs = nn.Parameter(coeffs)
-        self.angles = nn.Parameter(torch.zeros(n_tokens, config.rotation_angles))
-        self.bias = nn.Parameter(torch.zeros(dim)) if config.bias else None
+        used = n_tokens > 0
+        self.basis = nn.Parameter(basis) if used else None
+        self.coeffs = nn.Parameter(coeffs) if used else None
+        self.angles = nn.Parameter(torch.zeros(n_tokens, config.rotation_angles)) if used and config.rotation_angles \
+            else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if used and config.bias else None
 
 
-def side_tokens(
-    basis: Tensor, coeffs: Tensor, angles: Tensor, bias: Tensor | None
-) -> Tensor:
-    """Tokens (G, n, D) from stacked basis (G, D, m), coeffs (G, n, m), angles (G, n, a), bias (G, D)."""
+def side_tokens(basis: Tensor, coeffs: Tensor, angles: Tensor | None, bias: Tensor | None) -> Tensor:
+    """Tokens (G, n, D) from stacked basis (G, D, m), coeffs (G, n, m), angles (G, n, a) or None (no rotation),
+    bias (G, D) or None."""
     tokens = coeffs @ orthonormal_basis(basis).transpose(-1, -2)  # (G, n, D)
-    if angles.shape[-1]:
+    if angles is not None:
         tokens = rotate(tokens, angles)
     if bias is not None:
         tokens = tokens + bias.unsqueeze(-2)
@@ -178,14 +186,13 @@ class TokenSets(nn.Module):
     def _side(self, chosen: list[PromptTokens], which: str) -> Tensor:
         sides: list[TokenSide] = [getattr(s, which) for s in chosen]
         if sides[0].n_tokens == 0:
-            return sides[0].coeffs.new_zeros(len(sides), 0, self.dim)
-        bias = torch.stack([s.bias for s in sides]) if sides[0].bias is not None else None
-        return side_tokens(
-            torch.stack([s.basis for s in sides]),
-            torch.stack([s.coeffs for s in sides]),
-            torch.stack([s.angles for s in sides]),
-            bias,
-        )
+            other = getattr(chosen[0], "suffix" if which == "prefix" else "prefix")
+            return other.coeffs.new_zeros(len(sides), 0, self.dim)
+
+        def stacked(name: str) -> Tensor | None:
+            return torch.stack([getattr(s, name) for s in sides]) if getattr(sides[0], name) is not None else None
+
+        return side_tokens(stacked("basis"), stacked("coeffs"), stacked("angles"), stacked("bias"))
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -196,7 +203,7 @@ class TokenSets(nn.Module):
 
     def coefficients(self) -> list[nn.Parameter]:
         """All coefficient tensors z (the range-constrained parameters)."""
-        return [side.coeffs for s in self.sets for side in (s.prefix, s.suffix)]
+        return [side.coeffs for s in self.sets for side in (s.prefix, s.suffix) if side.coeffs is not None]
 
     def clip_grad_norm_per_set_(self, max_norm: float) -> Tensor:
         """Clip each set's gradient to `max_norm` on its own; returns the norms before clipping."""

@@ -87,7 +87,7 @@ def test_zero_length_side_and_notebook_preset():
     nb = TokenConfig.notebook()
     tokens = PromptTokens(nb, dim=768)
     assert tokens.prefix.basis.shape == (768, 300) and tokens.prefix.bias is not None
-    assert tokens.prefix.angles.shape == (10, 0)
+    assert tokens.prefix.angles is None  # no rotation: no angles
     # the published notebook: ~0.47 M trainable parameters
     assert 460_000 < sum(p.numel() for p in tokens.parameters()) < 480_000
     with pytest.raises(ValueError, match="rank"):
@@ -119,3 +119,17 @@ def test_side_tokens_matches_formula():
 
     expected = coeffs @ orthonormal_basis(basis).transpose(-1, -2) + bias[:, None]
     assert torch.allclose(side_tokens(basis, coeffs, torch.zeros(1, 2, 0), bias), expected)
+
+
+@pytest.mark.parametrize("config", [TokenConfig(n_prefix=0, n_suffix=3, rank=2),
+                                    TokenConfig(n_prefix=3, n_suffix=0, rank=2, rotation_angles=0, bias=True)])
+def test_every_parameter_shapes_the_tokens(config):
+    """Multi-device training (DDP) fails on a parameter that never gets a gradient: an empty side has none,
+    an unrotated side no angles."""
+    sets = TokenSets(config, dim=8)
+    prefix, suffix = sets([0])
+    (prefix.sum() + suffix.sum()).backward()
+    for name, parameter in sets.named_parameters():
+        assert parameter.grad is not None, name
+    assert len(sets.coefficients()) == 1
+
