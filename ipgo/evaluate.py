@@ -44,7 +44,7 @@ from ipgo.errors import NonFiniteRewardError, UserError, reported
 from ipgo.export import TokenFile, check_tokens, load_tokens
 from ipgo.files import check_output_folder, write_text
 from ipgo.generate import check_held_out, load_pipeline, parse_seeds, render, sampler_settings
-from ipgo.report import save_image_grid
+from ipgo.report import save_before_after
 from ipgo.rewards.combine import CombinedReward, RewardSpec, build_reward
 
 BEST_OF_N_SEEDS = 2**30
@@ -233,8 +233,7 @@ def evaluate(
         earlier.unlink()
     for name, method_images in images.items():
         if name != "raw":
-            grid = torch.cat([torch.cat([r, m]) for r, m in zip(images["raw"], method_images)])
-            save_image_grid(grid, 2 * len(seed_list), out_dir / f"grid_{name}.png")
+            save_before_after(images["raw"], method_images, out_dir / f"grid_{name}.png")
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     report = report_markdown(metrics)
     write_text(out_dir / "report.md", report)

@@ -26,7 +26,7 @@ from ipgo.data import read_prompts
 from ipgo.errors import UserError, reported
 from ipgo.export import TokenFile, TokenFileError, apply_tokens, check_tokens, load_tokens, remove_tokens
 from ipgo.files import atomic_path, check_output_folder, write_text
-from ipgo.report import save_image_grid
+from ipgo.report import save_before_after
 from ipgo.sampling import make_scheduler
 
 PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
@@ -162,8 +162,7 @@ def save_renders(renders: Renders, out: Path, extra: dict[str, Any] | None = Non
                 with atomic_path(path) as tmp:
                     Image.fromarray(array).save(tmp, format="PNG")
                 files.append({"kind": kind, "prompt": prompt, "seed": seed, "file": str(path.relative_to(out))})
-    grid = torch.cat([torch.cat([r, t]) for r, t in zip(renders.raw, renders.tuned)])
-    save_image_grid(grid, 2 * len(renders.seeds), out / "grid.png")
+    save_before_after(renders.raw, renders.tuned, out / "grid.png")
     manifest = {"prompts": renders.prompts, "seeds": renders.seeds, "images": files, "grid": "grid.png",
                 **(extra or {})}
     write_text(out / "images.json", json.dumps(manifest, indent=2) + "\n")

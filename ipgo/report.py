@@ -19,9 +19,12 @@ if TYPE_CHECKING:
     from ipgo.module import IPGOModule
 
 
-def save_image_grid(images: Tensor, columns: int, path: Path) -> Path:
-    """Save images (N, 3, H, W) in [0, 1] as one PNG grid with `columns` columns, atomically."""
-    grid = make_grid(images.float().cpu(), nrow=columns, padding=2, pad_value=1.0)
+def save_before_after(before: Tensor, after: Tensor, path: Path, gap: int = 8) -> Path:
+    """Save renders (P, S, 3, H, W) in [0, 1] as one PNG, atomically: a row per prompt with its S `before`
+    images on the left and its S `after` images on the right, a white gap of `gap` pixels between them."""
+    halves = [make_grid(x.flatten(0, 1).float().cpu(), nrow=x.shape[1], padding=2, pad_value=1.0)
+              for x in (before, after)]
+    grid = torch.cat([halves[0], torch.ones(3, halves[0].shape[1], gap), halves[1]], dim=2)
     array = (grid.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
@@ -52,11 +55,10 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
                     module.judges(images, repeated)
                     for name, scores in module.judges.components.items():
                         judged.setdefault(name, {"before": [], "after": []})[when] += scores.float().tolist()
-        n = len(seeds)
-        for i in range(len(chunk)):
-            rows += [before[i * n : (i + 1) * n], after[i * n : (i + 1) * n]]
+        rows.append((before.unflatten(0, (len(chunk), len(seeds))), after.unflatten(0, (len(chunk), len(seeds)))))
     if rows:
-        save_image_grid(torch.cat(rows), 2 * len(seeds), run_dir / "before_after.png")
+        befores, afters = zip(*rows)
+        save_before_after(torch.cat(befores), torch.cat(afters), run_dir / "before_after.png")
 
     summary = {
         "mode": module.mode,

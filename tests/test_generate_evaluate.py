@@ -258,3 +258,18 @@ def test_fit_logs_image_grids_to_tensorboard(tiny_sd_dir, tiny_clip_dir, tmp_pat
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert "val/images" in events.Tags()["images"] and "train/reward_epoch" in events.Tags()["scalars"]
+
+
+def test_before_after_grid_puts_a_white_gap_between_the_halves(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ipgo.report import save_before_after
+
+    before, after = torch.zeros(2, 3, 3, 4, 4), torch.zeros(2, 3, 3, 4, 4)  # 2 prompts x 3 seeds, black
+    after[1, 2] = 0.5  # the last image: second prompt, third seed
+    grid = torch.from_numpy(np.asarray(Image.open(save_before_after(before, after, tmp_path / "g.png"))))
+    half = 2 + 3 * (4 + 2)  # make_grid: 2 px padding before and after every image
+    assert grid.shape == (2 + 2 * 6, 2 * half + 8, 3)
+    assert (grid[:, half : half + 8] == 255).all()  # the gap
+    assert grid[2, 2].tolist() == [0, 0, 0] and grid[8, half + 8 + 14].tolist() == [128, 128, 128]
