@@ -287,6 +287,11 @@ class IPGOModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         if datamodule is None:
             raise ConfigError("IPGOModule needs a PromptDataModule: pass datamodule=... to trainer.fit")
+        if self.prompt_wise and self.trainer.accumulate_grad_batches != 1:
+            raise ConfigError(
+                "prompt-wise optimisation steps each prompt's own tokens every epoch; gradient accumulation "
+                "does not apply: remove trainer.accumulate_grad_batches"
+            )
         self.prepare(datamodule.train_prompts, datamodule.val_prompts)
 
     def configure_optimizers(self) -> Any:
@@ -300,11 +305,6 @@ class IPGOModule(L.LightningModule):
         self._fit_started = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        if self.prompt_wise and self.trainer.accumulate_grad_batches != 1:
-            raise ConfigError(
-                "prompt-wise optimisation steps each prompt's own tokens every epoch; gradient accumulation "
-                "does not apply: remove trainer.accumulate_grad_batches"
-            )
 
     # -- checkpoints hold only what is trained ---------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -96,6 +96,7 @@ def test_prompt_wise_refuses_validation_split_and_accumulation(tiny_sd_dir, tiny
     module = make_module(tiny_sd_dir, tiny_clip_dir)
     with pytest.raises(ValueError, match="accumulate_grad_batches"):
         fit(module, PromptDataModule(prompt_file(tmp_path)), tmp_path, epochs=1, accumulate_grad_batches=2)
+    assert module.backbone.unet is None  # refused before the weights load
 
 
 def test_prompt_wise_refuses_repeated_prompts_before_loading(tiny_sd_dir, tiny_clip_dir):
