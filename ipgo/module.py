@@ -228,6 +228,7 @@ class IPGOModule(L.LightningModule):
         self.best: BestTokens | None = None
         self.prompts: list[str] = []
         self.val_prompts: list[str] = []
+        self._val_rewards = self._val_seen = torch.zeros(0)  # per validation prompt, see on_validation_epoch_start
 
     # -- set-up ---------------------------------------------------------------------------
     @property
@@ -446,12 +447,26 @@ class IPGOModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.tokens.project_()
 
+    def on_validation_epoch_start(self) -> None:
+        # per validation prompt: its mean reward and whether this process scored it. Several processes get
+        # padded shares (Lightning repeats prompts so that the shares are equal); the mean over prompts at the
+        # epoch's end counts each prompt once
+        self._val_rewards = torch.zeros(len(self.val_prompts), device=self.device)
+        self._val_seen = torch.zeros(len(self.val_prompts), device=self.device)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         prompts = list(batch["prompt"])
         prefix, suffix = self.token_vectors(torch.zeros(len(prompts), dtype=torch.long))
         rewards = self.score(prompts, self.seeds.eval, prefix, suffix)
-        # averaged over the processes' shares of the validation prompts
-        self.log("val/reward", rewards.mean(), batch_size=rewards.numel(), prog_bar=True, sync_dist=True)
+        index = batch["index"].to(self.device)
+        self._val_rewards[index] = rewards.mean(1).float()
+        self._val_seen[index] = 1.0
+
+    def on_validation_epoch_end(self) -> None:
+        rewards, seen = (self.trainer.strategy.reduce(t, reduce_op="sum") for t in (self._val_rewards, self._val_seen))
+        scored = seen > 0
+        if scored.any():  # the same value on every process: no further sync
+            self.log("val/reward", (rewards[scored] / seen[scored]).mean(), prog_bar=True)
 
     # -- rendering -------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,5 +1,6 @@
 """Prompt-wise jobs over several processes (DDP, gloo on CPU) give each prompt its single-process tokens."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -38,12 +39,26 @@ def test_two_process_prompt_wise_equals_one_process(tmp_path, ipgo_cache):
 @pytest.mark.slow
 def test_two_process_prompt_batch_equals_one_process_with_the_whole_batch(tmp_path, ipgo_cache):
     """DDP averages the two ranks' gradients of 2 prompts each: the step of one process with all 4. No suffix and
-    no rotation: DDP fails on parameters that get no gradient, so the tokens must have none."""
-    args = ["--model.mode", "prompt-batch", "--data.limit", "4", "--data.val_fraction", "0", "--trainer.max_epochs",
-            "2", "--model.tokens.n_suffix", "0", "--model.tokens.rotation_angles", "0"]
+    no rotation: DDP fails on parameters that get no gradient, so the tokens must have none. The 3 validation
+    prompts are padded to 2 x 2 by Lightning; val/reward still counts each once."""
+    prompts = tmp_path / "prompts.txt"
+    names = [f"a {colour} {shape}" for colour in ("red", "green") for shape in ("cat", "dog", "cup")] + ["a blue cat"]
+    prompts.write_text("\n".join(names) + "\n")
+    # plain SGD with a large step: Adam's first steps follow the gradient's sign and would hide a wrong average
+    args = ["--data.prompts", str(prompts), "--model.mode", "prompt-batch", "--data.limit", "7",
+            "--data.val_fraction", "0.43", "--trainer.max_epochs", "2", "--model.tokens.n_suffix", "0",
+            "--model.tokens.rotation_angles", "0", "--model.optimizer.class_path", "torch.optim.SGD",
+            "--model.optimizer.init_args.lr", "1000"]
     fit(tmp_path / "one", *args, "--data.batch_size", "4", cache=ipgo_cache)
     fit(tmp_path / "two", *args, "--data.batch_size", "2", "--trainer.devices", "2", "--trainer.strategy", "ddp",
         cache=ipgo_cache)
     one, two = load_file(tmp_path / "one/tokens.safetensors"), load_file(tmp_path / "two/tokens.safetensors")
     assert one["prefix"].shape == (4, 32) and one["suffix"].shape == (0, 32)
     assert (one["prefix"] - two["prefix"]).abs().max() < 1e-5
+
+    def val_rewards(run: Path) -> list[float]:
+        rows = list(csv.DictReader((run / "csv/version_0/metrics.csv").open()))
+        return [float(row["val/reward"]) for row in rows if row.get("val/reward")]
+
+    assert len(val_rewards(tmp_path / "one")) == 2
+    assert val_rewards(tmp_path / "two") == pytest.approx(val_rewards(tmp_path / "one"), abs=1e-5)
