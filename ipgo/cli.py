@@ -105,6 +105,11 @@ def main(args: list[str] | None = None) -> IPGOCLI:
         # several processes: each optimises its own prompts with a local optimiser (see IPGOModule.predict_step)
         if ckpt_path is not None:
             raise UserError("multi-process prompt-wise runs cannot resume from a checkpoint; run them again")
+        epochs = cli.trainer.max_epochs  # Lightning sets its default only for fit, not for this path
+        if epochs is None or epochs < 1 or cli.trainer.max_steps != -1:
+            raise ConfigError(f"multi-process prompt-wise runs take trainer.max_epochs steps per prompt (got "
+                              f"max_epochs {epochs}, max_steps {cli.trainer.max_steps}): set trainer.max_epochs >= 1 "
+                              "and leave trainer.max_steps unset")
         cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
     else:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)

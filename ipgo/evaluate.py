@@ -15,7 +15,7 @@ not counted, which favours best-of-N).
 `metrics.json` (schema_version 2):
     settings: prompts, seeds, rewards, selection_reward, best_of_n, bootstrap, tie_tolerance
     methods: {name: {kind: raw|ipgo|best_of_n, tokens, compute (fit_seconds, peak_memory_bytes,
-              memory_kind, device, sampler_calls_per_prompt), flags,
+              memory_kind, device, processes, sampler_calls_per_prompt), flags,
               rewards: {reward: {n, mean, stderr, wins, ties, losses, win_rate, win_rate_ci}}}}
               (stderr: over prompt means, null with one prompt; win counts compare with the raw
               prompt on the same prompt and seed; a tie is a difference within tie_tolerance;
@@ -378,7 +378,9 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         detail = f"- **{method}** ({entry['kind']}): grid `grid_{method}.png`"
         compute = entry.get("compute") or {}
         if "fit_seconds" in compute:
-            detail += (f"; optimisation {compute['fit_seconds']:.1f} s on {compute.get('device')}, peak memory "
+            where = compute.get("device") if compute.get("processes", 1) == 1 else \
+                f"{compute['processes']} processes ({compute.get('device')} and others)"
+            detail += (f"; optimisation {compute['fit_seconds']:.1f} s on {where}, peak memory "
                        f"{compute.get('peak_memory_bytes', 0) / 2**20:.0f} MiB ({compute.get('memory_kind')}), "
                        f"{compute.get('sampler_calls_per_prompt', 0):.0f} sampler calls per prompt")
         if entry["flags"]:

@@ -64,6 +64,9 @@ class SeedConfig:
     def __post_init__(self) -> None:
         if not self.train:
             raise ConfigError("seeds.train is empty: give at least one seed")
+        if not self.eval:
+            raise ConfigError("seeds.eval is empty: the held-out renders (validation, the before/after grid) need at "
+                              "least one seed")
         if set(self.train) & set(self.eval):
             raise ConfigError(
                 f"seeds.eval {sorted(set(self.train) & set(self.eval))} are also training seeds; held-out "
@@ -321,10 +324,14 @@ class IPGOModule(L.LightningModule):
         return index if self.prompt_wise else torch.zeros_like(index)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._step_loss(list(batch["prompt"]), batch["index"], self.current_epoch, log=True)
+        # every process renders a batch of the same size (Lightning pads the shares): count them all
+        return self._step_loss(list(batch["prompt"]), batch["index"], self.current_epoch, log=True,
+                               processes=self.trainer.world_size)
 
-    def _step_loss(self, prompts: list[str], index: Tensor, step: int, log: bool = False) -> Tensor:
-        """The loss of one optimisation step of these prompts (`step`: the epoch, for fresh noise)."""
+    def _step_loss(self, prompts: list[str], index: Tensor, step: int, log: bool = False,
+                   processes: int = 1) -> Tensor:
+        """The loss of one optimisation step of these prompts (`step`: the epoch, for fresh noise); `processes`
+        renders the same number of images in this step (counted in the compute record)."""
         prefix, suffix = self.token_vectors(self._set_ids(index))
         n_seeds = len(self.seeds.train)
         seeds = self.seeds.for_items(index.tolist(), step)
@@ -337,15 +344,16 @@ class IPGOModule(L.LightningModule):
         loss = losses.sum() if self.prompt_wise else losses.mean()
         if self.best is not None:
             self.best.update(index, reward, self._components(rewards), prefix, suffix, self._combine)
-        self.compute["images_rendered"] += len(prompts) * n_seeds
-        if log:
+        self.compute["images_rendered"] += len(prompts) * n_seeds * processes
+        if log:  # averaged over all processes' prompts
             size = len(prompts)
-            self.log("train/reward", reward.mean(), prog_bar=True, batch_size=size, on_step=True, on_epoch=True)
-            self.log("train/conformity", penalty.mean(), batch_size=size, on_epoch=True)
+            self.log("train/reward", reward.mean(), prog_bar=True, batch_size=size, on_step=True, on_epoch=True,
+                     sync_dist=True)
+            self.log("train/conformity", penalty.mean(), batch_size=size, on_epoch=True, sync_dist=True)
             if isinstance(self.reward, CombinedReward):
                 for name, scores in self.reward.components.items():
-                    self.log(f"train/{name}", scores.mean(), batch_size=size, on_epoch=True)
-            self.log("train/loss", losses.mean(), batch_size=size, on_epoch=True)
+                    self.log(f"train/{name}", scores.mean(), batch_size=size, on_epoch=True, sync_dist=True)
+            self.log("train/loss", losses.mean(), batch_size=size, on_epoch=True, sync_dist=True)
         return loss
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
@@ -588,6 +596,7 @@ class IPGOModule(L.LightningModule):
             record["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             record["memory_kind"] = "process peak RSS"
         record["device"] = str(self.device)
+        record["processes"] = self.trainer.world_size if self._trainer is not None else 1
         record["sampler_calls_per_prompt"] = record["images_rendered"] / max(1, len(self.prompts))
         return record
 

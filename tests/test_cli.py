@@ -176,6 +176,8 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
         (["--model.sampler.height", "33"], "model.sampler.height and width must be multiples of 8"),
         (["--model.report_prompts", "-1"], "report_prompts must be >= 0"),
         (["--trainer.max_epochs", "0"], "max_epochs is 0"),
+        (["--trainer.max_epochs", "-1", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+         "set trainer.max_epochs >= 1 and leave trainer.max_steps unset"),
     ]
     for args, message in cases:
         err = bad_input([*args, "--trainer.default_root_dir", out], capsys)

@@ -1,12 +1,14 @@
 """Prompt-wise jobs over several processes (DDP, gloo on CPU) give each prompt its single-process tokens."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).parents[1]
@@ -55,6 +57,10 @@ def test_two_process_prompt_batch_equals_one_process_with_the_whole_batch(tmp_pa
     one, two = load_file(tmp_path / "one/tokens.safetensors"), load_file(tmp_path / "two/tokens.safetensors")
     assert one["prefix"].shape == (4, 32) and one["suffix"].shape == (0, 32)
     assert (one["prefix"] - two["prefix"]).abs().max() < 1e-5
+    computes = [json.loads(safe_open(tmp_path / run / "tokens.safetensors", "pt").metadata()["compute"])
+                for run in ("one", "two")]
+    assert [c["sampler_calls_per_prompt"] for c in computes] == [2, 2]  # best-of-N's budget: both ranks' renders
+    assert [c["processes"] for c in computes] == [1, 2]
 
     def val_rewards(run: Path) -> list[float]:
         rows = list(csv.DictReader((run / "csv/version_0/metrics.csv").open()))

@@ -204,3 +204,5 @@ def test_fresh_seeds_change_per_epoch_and_stay_reproducible():
     assert SeedConfig(train=[3]).for_items([0, 1], 7) == [3, 3]
     with pytest.raises(ValueError, match="held-out seeds must differ"):
         SeedConfig(train=[0, 1], eval=[1])
+    with pytest.raises(ValueError, match="seeds.eval is empty"):
+        SeedConfig(train=[0], eval=[])
