@@ -118,6 +118,7 @@ def main(args: list[str] | None = None) -> IPGOCLI:
             # training loop and its end hook, so the outputs are written here
             from ipgo.report import write_run_outputs
 
+            cli.model.to(cli.trainer.strategy.root_device)  # the strategy's teardown moved it to the CPU
             write_run_outputs(cli.model, run_dir)
     return cli
 

@@ -87,6 +87,7 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
             "last_step_mean": float(module.best.last.mean()),
             "best_step_mean": float(module.best.reward.mean()),
             "exported": module.select,
+            "noise": module.seeds.policy,
         }
     text = summary_markdown(summary)
     write_text(run_dir / "summary.md", text)
@@ -120,8 +121,12 @@ def summary_markdown(summary: dict) -> str:
     if "train" in summary:
         train = summary["train"]
         lines += ["", f"Optimisation (training seeds {train['seeds']}, mean over prompts): reward at the first "
-                  f"step {train['first_step_mean']:.4f}, last step {train['last_step_mean']:.4f}, best step "
-                  f"{train['best_step_mean']:.4f}; exported tokens: {train['exported']}."]
+                  f"step {train['first_step_mean']:.4f}, at the last step (scored before its update) "
+                  f"{train['last_step_mean']:.4f}, at the best step {train['best_step_mean']:.4f}; exported tokens: "
+                  f"{train['exported']}."]
+        if train.get("noise") == "fresh":
+            lines[-1] += (" Each step was scored on fresh noise, so the best step's reward is partly the luck of its "
+                          "noise: the held-out figures above are the measure.")
     lines += ["", f"Tokens: `{summary['tokens']}`"]
     if summary["grid"]:
         n = len(summary["seeds"])

@@ -206,3 +206,16 @@ def test_fresh_seeds_change_per_epoch_and_stay_reproducible():
         SeedConfig(train=[0, 1], eval=[1])
     with pytest.raises(ValueError, match="seeds.eval is empty"):
         SeedConfig(train=[0], eval=[])
+
+
+def test_summary_says_what_the_training_figures_are():
+    from ipgo.report import summary_markdown
+
+    summary = {"mode": "prompt-wise", "reward": "clip_score", "prompts_are": "training prompts", "seeds": [5],
+               "seeds_are": "held out", "per_prompt": [], "tokens": "tokens.safetensors", "grid": None,
+               "train": {"seeds": [0], "first_step_mean": 0.1, "last_step_mean": 0.3, "best_step_mean": 0.4,
+                         "exported": "best", "noise": "fixed"}}
+    text = summary_markdown(summary)
+    assert "at the last step (scored before its update) 0.3000" in text and "luck" not in text
+    summary["train"]["noise"] = "fresh"
+    assert "partly the luck of its noise" in summary_markdown(summary)
