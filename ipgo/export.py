@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ipgo.backbones import backbone_for_pipeline
+from ipgo.backbones import FAMILIES, backbone_for_pipeline
 from ipgo.backbones.base import check_prompt_lengths
 from ipgo.errors import UserError
 from ipgo.files import atomic_path
@@ -144,28 +144,44 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
         raise TokenFileError(f"{str(path)!r} is not a readable safetensors file: {error}") from error
     if metadata.get("format") != FORMAT or "prefix" not in tensors or "suffix" not in tensors:
         raise TokenFileError(f"{str(path)!r} is not an ipgo token file (no {FORMAT!r} metadata)")
-    if metadata["format_version"] != FORMAT_VERSION:
+    if metadata.get("format_version") != FORMAT_VERSION:
         raise TokenFileError(
-            f"{str(path)!r} has token-file format {metadata['format_version']}; this ipgo reads "
+            f"{str(path)!r} has token-file format {metadata.get('format_version')}; this ipgo reads "
             f"{FORMAT_VERSION}. Upgrade ipgo."
         )
+    required = ("family", "base_model", "hidden_size", "layout", "too_long", "mode", "n_prefix", "n_suffix")
+    missing = [key for key in required if key not in metadata]
+    if missing:
+        raise TokenFileError(f"{str(path)!r} is damaged: its metadata lacks {', '.join(missing)}. Export the tokens "
+                             "again from their run.")
+    allowed = {"family": tuple(FAMILIES), "layout": ("padded", "unpadded"), "too_long": ("error", "truncate"),
+               "mode": ("prompt-wise", "prompt-batch")}
+    for key, values in allowed.items():
+        if metadata[key] not in values:
+            raise TokenFileError(f"{str(path)!r} has {key} {metadata[key]!r}, which this ipgo does not know (it knows "
+                                 f"{', '.join(values)}): a newer ipgo wrote it, or it is damaged")
     known = {"format", "format_version", "family", "base_model", "hidden_size", "layout", "too_long", "mode",
              "prompts", "n_prefix", "n_suffix", "prompt_attention",
              "train_prompts"}
-    tokens = TokenFile(
-        prefix=tensors["prefix"],
-        suffix=tensors["suffix"],
-        family=metadata["family"],
-        base_model=metadata["base_model"],
-        hidden_size=int(metadata["hidden_size"]),
-        layout=metadata["layout"],
-        too_long=metadata["too_long"],
-        mode=metadata["mode"],
-        prompts=json.loads(metadata["prompts"]) if "prompts" in metadata else None,
-        prompt_attention=json.loads(metadata.get("prompt_attention", "false")),
-        train_prompts=json.loads(metadata["train_prompts"]) if "train_prompts" in metadata else None,
-        extra={k: v for k, v in metadata.items() if k not in known},
-    )
+    try:
+        tokens = TokenFile(
+            prefix=tensors["prefix"],
+            suffix=tensors["suffix"],
+            family=metadata["family"],
+            base_model=metadata["base_model"],
+            hidden_size=int(metadata["hidden_size"]),
+            layout=metadata["layout"],
+            too_long=metadata["too_long"],
+            mode=metadata["mode"],
+            prompts=json.loads(metadata["prompts"]) if "prompts" in metadata else None,
+            prompt_attention=json.loads(metadata.get("prompt_attention", "false")),
+            train_prompts=json.loads(metadata["train_prompts"]) if "train_prompts" in metadata else None,
+            extra={k: v for k, v in metadata.items() if k not in known},
+        )
+        int(metadata["n_prefix"]), int(metadata["n_suffix"])
+    except ValueError as error:  # json.JSONDecodeError is a ValueError
+        raise TokenFileError(f"{str(path)!r} is damaged: its metadata does not parse ({error}). Export the tokens "
+                             "again from their run.") from error
     _check_shapes(tokens, metadata, path)
     return tokens
 
@@ -241,6 +257,7 @@ def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
         call = signature.bind(*args, **kwargs)
         arguments = call.arguments
         if arguments.get("prompt_embeds") is None and arguments.get("prompt") is not None:
+            _refuse_unused(arguments)
             embeds = token_embeds(pipe, tokens, arguments["prompt"], arguments.get("negative_prompt"))
             if arguments.get("negative_prompt_embeds") is not None:  # the caller's own negatives win
                 embeds = {k: v for k, v in embeds.items() if not k.startswith("negative")}
@@ -253,6 +270,19 @@ def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
     pipe.encode_prompt = encode_prompt
     pipe._ipgo_original_encode_prompt = original
     return pipe
+
+
+def _refuse_unused(arguments: dict[str, Any]) -> None:
+    """The tokens condition every encoder on `prompt` (and `negative_prompt`): other prompts and CLIP skips
+    would be dropped without a word, so they are refused."""
+    for name, main in (("prompt_2", "prompt"), ("prompt_3", "prompt"), ("negative_prompt_2", "negative_prompt"),
+                       ("negative_prompt_3", "negative_prompt")):
+        if arguments.get(name) is not None and arguments[name] != arguments.get(main):
+            raise UserError(f"{name} differs from {main}: ipgo's tokens condition every text encoder on {main} "
+                            f"alone, so {name} would be ignored; leave it out (or call remove_tokens(pipe) first)")
+    if arguments.get("clip_skip") is not None:
+        raise UserError("clip_skip: ipgo's tokens were learnt on the text encoder's usual output, which clip_skip "
+                        "would replace; leave it out (or call remove_tokens(pipe) first)")
 
 
 def remove_tokens(pipe: Any) -> Any:

@@ -20,6 +20,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, _NEW_FILE_MODE)  # some writers (safetensors) create files only their owner can read
+        with open(tmp, "rb+") as handle:  # on disk before the rename: after a power cut, the old file or the new
+            os.fsync(handle.fileno())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -44,6 +46,8 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def check_output_folder(out: str | os.PathLike, overwrite: bool, command: str) -> None:
     """Refuse a non-empty output folder unless `overwrite`: writing there would replace files in it."""
     folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is a file, not a folder: choose a folder for {command}'s output")
     present = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
     if present and not overwrite:
         raise UserError(

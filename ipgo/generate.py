@@ -138,14 +138,16 @@ def render(pipe: Any, tokens: TokenFile, prompts: Sequence[str], seeds: Sequence
     else:
         remove_tokens(pipe)
     rows = []
-    for prompt in prompts:
-        images = pipe(
-            [prompt] * len(seeds), generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
-            num_inference_steps=settings["num_steps"], guidance_scale=settings["guidance_scale"],
-            height=settings["height"], width=settings["width"], output_type="pt", **family_settings,
-        ).images
-        rows.append(images.float().cpu())
-    remove_tokens(pipe)
+    try:
+        for prompt in prompts:
+            images = pipe(
+                [prompt] * len(seeds), generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
+                num_inference_steps=settings["num_steps"], guidance_scale=settings["guidance_scale"],
+                height=settings["height"], width=settings["width"], output_type="pt", **family_settings,
+            ).images
+            rows.append(images.float().cpu())
+    finally:  # a failed render leaves no tokens on the caller's pipeline
+        remove_tokens(pipe)
     return torch.stack(rows)
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
 
 import ipgo
 from ipgo.backbones import StableDiffusion
@@ -95,3 +96,41 @@ def test_mismatched_or_bad_token_files(tiny_sd_dir, tiny_clip_dir, tmp_path):
         load_tokens(tmp_path / "junk.safetensors")
     with pytest.raises(TokenFileError, match="does not exist"):
         load_tokens(tmp_path / "missing")
+
+
+def test_token_files_with_missing_or_unknown_metadata_are_refused_clearly(tmp_path):
+    from safetensors.torch import save_file
+
+    good = TokenFile(torch.zeros(2, 32), torch.zeros(3, 32), family="sd", base_model="tiny", hidden_size=32)
+    path = save_tokens(tmp_path / "good.safetensors", good)
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = {"prefix": torch.zeros(2, 32), "suffix": torch.zeros(3, 32)}
+    cases = [({k: v for k, v in metadata.items() if k != "hidden_size"}, "metadata lacks hidden_size"),
+             ({**metadata, "family": "flux"}, "family 'flux', which this ipgo does not know"),
+             ({**metadata, "layout": "ragged"}, "layout 'ragged'"),
+             ({**metadata, "mode": "prompt-wise", "prompts": "[not json"}, "metadata does not parse"),
+             ({**metadata, "n_prefix": "two"}, "metadata does not parse")]
+    for changed, message in cases:
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=changed)
+        with pytest.raises(TokenFileError, match=message):
+            load_tokens(tmp_path / "bad.safetensors")
+
+
+def test_applied_tokens_refuse_arguments_they_would_ignore(tiny_sd_dir, tiny_clip_dir):
+    module = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch")
+    pipe = ipgo.apply_tokens(pipeline(tiny_sd_dir, "lms"), module.token_file())
+    with pytest.raises(UserError, match="clip_skip: ipgo's tokens were learnt"):
+        pipe("a cat", clip_skip=1, num_inference_steps=1, height=32, width=32)
+
+
+def test_a_failed_render_leaves_no_tokens_on_the_pipeline(tiny_sd_dir, tiny_clip_dir):
+    from ipgo.generate import render
+
+    module = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch")
+    tokens = module.token_file()
+    tokens.extra["sampler"] = '{"num_steps": 2, "guidance_scale": 4.0, "height": 33, "width": 32}'  # 33: refused
+    pipe = pipeline(tiny_sd_dir, "lms")
+    with pytest.raises(ValueError, match="divisible by 8"):
+        render(pipe, tokens, ["a cat"], [0])
+    assert "encode_prompt" not in pipe.__dict__  # the pipeline's own method again

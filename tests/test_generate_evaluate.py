@@ -273,3 +273,12 @@ def test_before_after_grid_puts_a_white_gap_between_the_halves(tmp_path):
     assert grid.shape == (2 + 2 * 6, 2 * half + 8, 3)
     assert (grid[:, half : half + 8] == 255).all()  # the gap
     assert grid[2, 2].tolist() == [0, 0, 0] and grid[8, half + 8 + 14].tolist() == [128, 128, 128]
+
+
+def test_an_output_path_that_is_a_file_is_refused(tmp_path):
+    from ipgo.files import check_output_folder
+
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        check_output_folder(tmp_path / "out", True, "ipgo.generate")
+    assert (tmp_path / "out").read_text() == "mine"
