@@ -171,12 +171,24 @@ def save_renders(renders: Renders, out: Path, extra: dict[str, Any] | None = Non
     return manifest
 
 
-def remove_earlier_renders(out: Path) -> None:
-    """Delete the images an earlier `save_renders` listed in `out`: their names, by index, would now mislead."""
+def earlier_renders(out: Path) -> list[Path]:
+    """The images an earlier `ipgo.generate` listed in `out`/images.json (to remove once the new ones are written:
+    their names, by index, would mislead); refuses a manifest that ipgo did not write."""
     manifest = out / "images.json"
-    if manifest.is_file():
-        for entry in json.loads(manifest.read_text()).get("images", []):
-            (out / entry["file"]).unlink(missing_ok=True)
+    if not manifest.is_file():
+        return []
+    try:
+        entries = json.loads(manifest.read_text())["images"]
+        files = [(out / entry["file"]).resolve() for entry in entries]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{manifest} is not an ipgo.generate manifest ({error!r}), so ipgo will not delete what it "
+                        "lists: choose another --out") from error
+    renders = [(out / kind).resolve() for kind in ("raw", "tuned")]
+    outside = [f for f in files if not any(f.parent == folder for folder in renders)]
+    if outside:
+        raise UserError(f"{manifest} lists {outside[0]}, outside {out}/raw and {out}/tuned; ipgo will not delete it: "
+                        "choose another --out")
+    return files
 
 
 def generate(
@@ -204,6 +216,7 @@ def generate(
         overwrite: write into a non-empty `out` (the images of an earlier generate there are removed first).
     """
     check_output_folder(out, overwrite, "ipgo.generate")
+    earlier = earlier_renders(Path(out))
     token_file = load_tokens(tokens)
     seed_list = parse_seeds(seeds)
     flagged = check_held_out(token_file, seed_list, allow_training_seeds)
@@ -218,8 +231,10 @@ def generate(
     check_tokens(pipe, token_file, prompt_list)
     renders = Renders(prompt_list, seed_list, render(pipe, token_file, prompt_list, seed_list, tuned=False),
                       render(pipe, token_file, prompt_list, seed_list, tuned=True))
-    remove_earlier_renders(Path(out))
-    save_renders(renders, Path(out), {"tokens": str(tokens), "training_seeds_used": flagged})
+    manifest = save_renders(renders, Path(out), {"tokens": str(tokens), "training_seeds_used": flagged})
+    written = {(Path(out) / entry["file"]).resolve() for entry in manifest["images"]}
+    for path in set(earlier) - written:
+        path.unlink(missing_ok=True)
     print(f"wrote {len(prompt_list) * len(seed_list) * 2} images and grid.png to {out}")
     return renders
 

@@ -56,6 +56,14 @@ def test_generate_matches_the_modules_render(run, tmp_path):
         evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1000", out=str(tmp_path))
     generate(str(run_dir), seeds="1001", out=str(tmp_path), overwrite=True)
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["0000_seed1001.png", "0001_seed1001.png"]
+    manifest = json.loads((tmp_path / "images.json").read_text())
+    manifest["images"][0]["file"] = "../mine.png"  # a manifest ipgo did not write: nothing it lists is deleted
+    (tmp_path / "images.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"lists .*mine.png, outside .*choose another --out"):
+        generate(str(run_dir), seeds="1001", out=str(tmp_path), overwrite=True)
+    (tmp_path / "images.json").write_text('{"images": [{"file_name": "x.png"}]}')
+    with pytest.raises(UserError, match="is not an ipgo.generate manifest"):
+        generate(str(run_dir), seeds="1001", out=str(tmp_path), overwrite=True)
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((run_dir / "tokens.safetensors").stat().st_mode) == 0o666 & ~umask  # readable as any output
