@@ -99,15 +99,17 @@ def load_pipeline(tokens: TokenFile, model: str | None = None, device: str = "cp
     extra: dict[str, Any] = {}
     if tokens.family == "sd":
         extra = {"safety_checker": None, "requires_safety_checker": False}
+    if model is None:  # the very weights trained on
+        extra.update({key: tokens.extra[key] for key in ("revision", "variant") if key in tokens.extra})
     try:
-        config = cls.load_config(source)
+        config = cls.load_config(source, revision=extra.get("revision"))
         if config.get("_class_name") != PIPELINES[tokens.family]:
             raise TokenFileError(
                 f"these tokens were made for a {tokens.family!r} model ({PIPELINES[tokens.family]}), but {name!r} "
                 f"is a {config.get('_class_name')}: use the model the tokens were trained on"
             )
         if tokens.family == "sd3" and (config.get("text_encoder_3") or [None])[0] is None:
-            extra = {"text_encoder_3": None, "tokenizer_3": None}  # a checkpoint without T5
+            extra.update(text_encoder_3=None, tokenizer_3=None)  # a checkpoint without T5
         pipe = cls.from_pretrained(source, dtype=torch_dtype(dtype or _recorded_dtype(tokens, device)), **extra)
     except OSError as error:
         raise load_error(name, "pipeline", error) from error

@@ -635,7 +635,7 @@ class IPGOModule(L.LightningModule):
             prefix=prefix,
             suffix=suffix,
             family=self.backbone.family,
-            base_model=self.backbone.model,
+            base_model=_portable_model_name(self.backbone.model),
             hidden_size=self.backbone.hidden_size,
             layout=self.layout,
             too_long=self.too_long,
@@ -656,6 +656,8 @@ class IPGOModule(L.LightningModule):
         t5_length = getattr(self.backbone, "max_sequence_length", None)
         return {
             **({} if t5_length is None else {"max_sequence_length": str(t5_length)}),
+            # the weights trained on, which generate and evaluate load again
+            **{key: value for key in ("revision", "variant") if (value := getattr(self.backbone, key, None))},
             "dtype": self.backbone.dtype_name,  # generate and evaluate render in it too
             "rewards": json.dumps(getattr(self.reward, "names", [self.reward.name])),
             "compute": json.dumps(self.compute_record()),
@@ -665,3 +667,10 @@ class IPGOModule(L.LightningModule):
             "select": self.select if self.prompt_wise else "last",
             "ipgo_version": __version__,
         }
+
+
+def _portable_model_name(model: str) -> str:
+    """A local folder as an absolute path (the token file is read from other working directories); hub ids and
+    tiny names as they are."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model

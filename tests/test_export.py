@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -134,3 +136,30 @@ def test_a_failed_render_leaves_no_tokens_on_the_pipeline(tiny_sd_dir, tiny_clip
     with pytest.raises(ValueError, match="divisible by 8"):
         render(pipe, tokens, ["a cat"], [0])
     assert "encode_prompt" not in pipe.__dict__  # the pipeline's own method again
+
+
+
+def test_token_files_name_the_weights_they_were_trained_on(tiny_sd_dir, tiny_clip_dir, monkeypatch):
+    """A local folder by its absolute path, and the revision and variant, which generate loads again."""
+    from ipgo.generate import load_pipeline
+    from ipgo.module import _portable_model_name
+
+    monkeypatch.chdir(tiny_sd_dir.parent)
+    assert _portable_model_name(tiny_sd_dir.name) == str(tiny_sd_dir.resolve())
+    assert _portable_model_name("org/model") == "org/model"
+    module = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch")
+    module.backbone.variant, module.backbone.revision = "fp16", "v2"  # as if loaded so (tiny has no fp16 files)
+    tokens = module.token_file()
+    tokens.extra["sampler"] = json.dumps({"scheduler": "lms"})
+    assert (tokens.extra["variant"], tokens.extra["revision"]) == ("fp16", "v2")
+    calls = []
+
+    def from_pretrained(source, **kwargs):
+        calls.append(kwargs)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", from_pretrained)
+    for model in (None, str(tiny_sd_dir)):  # another model given: no pins of the training weights
+        with pytest.raises(UserError):
+            load_pipeline(tokens, model)
+    assert (calls[0]["variant"], calls[0]["revision"]) == ("fp16", "v2") and "variant" not in calls[1]
