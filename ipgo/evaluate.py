@@ -222,7 +222,7 @@ def evaluate(
     chosen: dict[tuple[int, int], int] = {}
     if n:
         images[f"best_of_{n}"], scores[f"best_of_{n}"], chosen = _best_of_n(
-            pipe, first, reward, prompt_list, seed_list, n, selector
+            pipe, first, reward, prompt_list, seed_list, n, selector, raw, scores["raw"]
         )
 
     metrics = _metrics(named, token_files, scores, flags, prompt_list, seed_list, chosen, tie_tolerance, bootstrap)
@@ -298,14 +298,23 @@ def _prompts(path: str | None, token_files: dict[str, TokenFile]) -> list[str]:
 
 
 def _best_of_n(pipe: Any, tokens: TokenFile, reward: CombinedReward, prompts: list[str], seeds: list[int], n: int,
-               selector: str) -> tuple[Tensor, dict[str, Tensor], dict[tuple[int, int], int]]:
+               selector: str, raw: Tensor, raw_scores: dict[str, Tensor]
+               ) -> tuple[Tensor, dict[str, Tensor], dict[tuple[int, int], int]]:
+    """Per (prompt, seed): the best by `selector` of the raw prompt's image on the seed itself (the raw method's
+    very image and scores, so a pick of it is an exact tie) and on N - 1 more seeds."""
     rows, row_scores, chosen = [], {name: torch.zeros(len(prompts), len(seeds)) for name in reward.names}, {}
     for i, prompt in enumerate(prompts):
         picked = []
         for j, seed in enumerate(seeds):
             candidates = candidate_seeds(seed, n)
-            images = render(pipe, tokens, [prompt], candidates, tuned=False)  # (1, n, 3, H, W)
-            candidate_scores = score(reward, images, [prompt])
+            images = raw[i : i + 1, j : j + 1]
+            candidate_scores = {name: values[i : i + 1, j : j + 1] for name, values in raw_scores.items()}
+            if n > 1:
+                more = render(pipe, tokens, [prompt], candidates[1:], tuned=False)  # (1, n - 1, 3, H, W)
+                more_scores = score(reward, more, [prompt])
+                images = torch.cat([images, more], dim=1)
+                candidate_scores = {name: torch.cat([values, more_scores[name]], dim=1)
+                                    for name, values in candidate_scores.items()}
             best = int(candidate_scores[selector][0].argmax())
             chosen[(i, j)] = candidates[best]
             picked.append(images[0, best])

@@ -98,6 +98,10 @@ def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path):
     scores = module.score([record["prompt"]], candidates)[0]  # the run's reward is clip_score on tiny:clip
     assert record["candidate_seed"] == candidates[int(scores.argmax())]
     assert record["scores"]["clip_score"] == pytest.approx(float(scores.max()), abs=1e-5)
+    # a pick of the seed's own image is the raw method's very image and scores: an exact tie, on any device
+    raw = {(i["prompt"], i["seed"]): i["scores"] for i in images if i["method"] == "raw"}
+    own = [i for i in images if i["method"] == f"best_of_{n}" and i["candidate_seed"] == i["seed"]]
+    assert own and all(i["scores"] == raw[(i["prompt"], i["seed"])] for i in own)
     assert metrics["methods"]["ipgo"]["compute"]["fit_seconds"] > 0
 
 
