@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ipgo.data import prompt_key, read_prompts
 from ipgo.errors import NonFiniteRewardError, UserError, reported
-from ipgo.export import TokenFile, check_tokens, load_tokens
+from ipgo.export import TokenFile, check_prompts_fit, check_tokens, load_tokens
 from ipgo.files import check_output_folder, write_text
 from ipgo.generate import check_held_out, load_pipeline, parse_seeds, render, sampler_settings
 from ipgo.report import save_before_after
@@ -205,11 +205,13 @@ def evaluate(
             f"best-of-N selects with the optimised reward {selector!r}, which is not among the rewards "
             f"scored ({', '.join(reward.names)}): add it to --rewards or set --selection_reward"
         )
+    for tokens in token_files.values():
+        check_prompts_fit(tokens, prompt_list, model)
+    reward = reward.to(device)
+    reward.load()  # before the pipeline: a missing reward model is reported without a long wait
     pipe = load_pipeline(first, model, device, dtype)
     for tokens in token_files.values():
-        check_tokens(pipe, tokens, prompt_list)
-    reward = reward.to(device)
-    reward.load()
+        check_tokens(pipe, tokens)
     out_dir = Path(out)
 
     raw = render(pipe, first, prompt_list, seed_list, tuned=False)

@@ -200,15 +200,21 @@ def _check_shapes(tokens: TokenFile, metadata: dict[str, str], path: Path) -> No
             )
 
 
-def check_tokens(pipe: Any, tokens: TokenFile, prompts: Sequence[str]) -> None:
-    """Refuse, before anything renders, tokens made for another model and prompts too long to fit beside them
-    (with too_long=error); reads the tokenizers, encodes no prompt."""
+def check_prompts_fit(tokens: TokenFile, prompts: Sequence[str], model: str | None = None) -> None:
+    """Refuse prompts too long to fit beside the tokens (with too_long=error), before any weights load: reads only
+    the tokenizers of `model` (default: the tokens' base model)."""
+    if tokens.too_long != "error":
+        return
+    backbone = FAMILIES[tokens.family](model or tokens.base_model,
+                                       revision=None if model else tokens.extra.get("revision"))
+    reserved = tokens.prefix.shape[-2] + tokens.suffix.shape[-2]
+    check_prompt_lengths(prompts, backbone.token_lengths(prompts), backbone.max_length - reserved, reserved, "error")
+
+
+def check_tokens(pipe: Any, tokens: TokenFile) -> None:
+    """Refuse, before anything renders, tokens made for another model (family, hidden size) than `pipe`'s."""
     backbone = backbone_for_pipeline(pipe)
     tokens.check_fits(backbone.family, backbone.hidden_size, backbone.model)
-    if tokens.too_long == "error":
-        reserved = tokens.prefix.shape[-2] + tokens.suffix.shape[-2]
-        check_prompt_lengths(prompts, backbone.token_lengths(prompts), backbone.max_length - reserved, reserved,
-                             "error")
 
 
 @torch.no_grad()

@@ -24,7 +24,15 @@ from torch import Tensor
 
 from ipgo.data import read_prompts
 from ipgo.errors import UserError, reported
-from ipgo.export import TokenFile, TokenFileError, apply_tokens, check_tokens, load_tokens, remove_tokens
+from ipgo.export import (
+    TokenFile,
+    TokenFileError,
+    apply_tokens,
+    check_prompts_fit,
+    check_tokens,
+    load_tokens,
+    remove_tokens,
+)
 from ipgo.files import atomic_path, check_output_folder, write_text
 from ipgo.report import save_before_after
 from ipgo.sampling import make_scheduler
@@ -229,8 +237,9 @@ def generate(
     else:
         raise UserError("these are shared (prompt-batch) tokens: give the prompts to render with --prompts FILE")
     token_file.tokens_for(prompt_list)  # a prompt-wise file must hold every prompt: checked before loading
+    check_prompts_fit(token_file, prompt_list, model)
     pipe = load_pipeline(token_file, model, device, dtype)
-    check_tokens(pipe, token_file, prompt_list)
+    check_tokens(pipe, token_file)
     renders = Renders(prompt_list, seed_list, render(pipe, token_file, prompt_list, seed_list, tuned=False),
                       render(pipe, token_file, prompt_list, seed_list, tuned=True))
     manifest = save_renders(renders, Path(out), {"tokens": str(tokens), "training_seeds_used": flagged})

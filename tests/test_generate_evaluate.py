@@ -294,3 +294,29 @@ def test_an_output_path_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(UserError, match="is a file, not a folder"):
         check_output_folder(tmp_path / "out", True, "ipgo.generate")
     assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_prompts_too_long_for_the_tokens_are_refused_before_loading(run, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from ipgo.export import load_tokens, save_tokens
+
+    run_dir, _ = run
+    tokens = load_tokens(run_dir)
+    shared = save_tokens(tmp_path / "shared.safetensors", replace(
+        tokens, prefix=tokens.prefix[0], suffix=tokens.suffix[0], prompts=None, mode="prompt-batch",
+        train_prompts=["a cat"], too_long="error"))
+    long = tmp_path / "long.txt"
+    long.write_text("a dog " + "very " * 70 + "\n")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model loaded before the prompts were checked")
+
+    monkeypatch.setattr("ipgo.generate.load_pipeline", no_loading)
+    monkeypatch.setattr("ipgo.evaluate.load_pipeline", no_loading)
+    monkeypatch.setattr("ipgo.rewards.combine.CombinedReward._load", no_loading)
+    with pytest.raises(UserError, match="has 74 tokens but only"):
+        generate(str(shared), seeds="1000", prompts=str(long), out=str(tmp_path / "g"))
+    with pytest.raises(UserError, match="has 74 tokens but only"):
+        evaluate([f"ipgo={shared}"], REWARDS[:1], seeds="1000", prompts=str(long), out=str(tmp_path / "e"),
+                 best_of_n="off")
