@@ -231,11 +231,12 @@ def evaluate(
     metrics["settings"] = {"prompts": prompt_list, "seeds": seed_list, "rewards": list(reward.names),
                            "selection_reward": selector if n else None, "best_of_n": n, "bootstrap": bootstrap,
                            "tie_tolerance": tie_tolerance}
-    for earlier in out_dir.glob("grid_*.png"):  # an earlier evaluation's (with --overwrite): other methods, maybe
-        earlier.unlink()
+    earlier = set(out_dir.glob("grid_*.png"))  # an earlier evaluation's (with --overwrite): other methods, maybe
     for name, method_images in images.items():
         if name != "raw":
-            save_before_after(images["raw"], method_images, out_dir / f"grid_{name}.png")
+            earlier.discard(save_before_after(images["raw"], method_images, out_dir / f"grid_{name}.png"))
+    for path in earlier:
+        path.unlink()
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     report = report_markdown(metrics)
     write_text(out_dir / "report.md", report)

@@ -320,3 +320,10 @@ def test_prompts_too_long_for_the_tokens_are_refused_before_loading(run, tmp_pat
     with pytest.raises(UserError, match="has 74 tokens but only"):
         evaluate([f"ipgo={shared}"], REWARDS[:1], seeds="1000", prompts=str(long), out=str(tmp_path / "e"),
                  best_of_n="off")
+
+
+def test_evaluate_overwrite_replaces_the_earlier_grids(run, tmp_path):
+    run_dir, _ = run
+    (tmp_path / "grid_gone.png").write_bytes(b"an earlier evaluation's method")
+    evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1000", out=str(tmp_path), best_of_n="off", overwrite=True)
+    assert sorted(p.name for p in tmp_path.glob("grid_*.png")) == ["grid_ipgo.png"]
