@@ -235,6 +235,10 @@ class IPGOModule(L.LightningModule):
 
     # -- set-up ---------------------------------------------------------------------------
     @property
+    def _processes(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    @property
     def prompt_wise(self) -> bool:
         return self.mode == "prompt-wise"
 
@@ -326,7 +330,7 @@ class IPGOModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         # every process renders a batch of the same size (Lightning pads the shares): count them all
         return self._step_loss(list(batch["prompt"]), batch["index"], self.current_epoch, log=True,
-                               processes=self.trainer.world_size)
+                               processes=self._processes)
 
     def _step_loss(self, prompts: list[str], index: Tensor, step: int, log: bool = False,
                    processes: int = 1) -> Tensor:
@@ -596,7 +600,7 @@ class IPGOModule(L.LightningModule):
             record["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             record["memory_kind"] = "process peak RSS"
         record["device"] = str(self.device)
-        record["processes"] = self.trainer.world_size if self._trainer is not None else 1
+        record["processes"] = self._processes
         record["sampler_calls_per_prompt"] = record["images_rendered"] / max(1, len(self.prompts))
         return record
 

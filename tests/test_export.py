@@ -163,3 +163,29 @@ def test_token_files_name_the_weights_they_were_trained_on(tiny_sd_dir, tiny_cli
         with pytest.raises(UserError):
             load_pipeline(tokens, model)
     assert (calls[0]["variant"], calls[0]["revision"]) == ("fp16", "v2") and "variant" not in calls[1]
+
+
+def test_tokens_work_on_a_pipeline_with_cpu_offload(tiny_sd_dir, tiny_clip_dir):
+    """With (sequential) CPU offload the weights sit on the "meta" device; prompts are encoded where the pipeline
+    runs its models (its execution device), as diffusers does."""
+    from accelerate import cpu_offload
+
+    module = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch")
+    pipe = ipgo.apply_tokens(pipeline(tiny_sd_dir, "lms"), module.token_file())
+    before = pipe_images(pipe, ["a cat"], 3, module.sampler_config)
+    for part in (pipe.text_encoder, pipe.unet, pipe.vae):
+        cpu_offload(part, execution_device=torch.device("cpu"))
+    assert next(pipe.text_encoder.parameters()).device.type == "meta"
+    torch.testing.assert_close(pipe_images(pipe, ["a cat"], 3, module.sampler_config), before)
+
+
+def test_an_sdxl_pipeline_without_its_first_text_encoder_is_refused_clearly(ipgo_cache, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    from ipgo.backbones import backbone_for_pipeline
+    from ipgo.testing import resolve_source
+
+    monkeypatch.setenv("IPGO_CACHE", str(ipgo_cache))
+    refiner = StableDiffusionXLPipeline.from_pretrained(resolve_source("tiny:sdxl"), text_encoder=None, tokenizer=None)
+    with pytest.raises(UserError, match="has no text_encoder .* apply them to the base pipeline"):
+        backbone_for_pipeline(refiner)

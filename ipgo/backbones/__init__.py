@@ -16,6 +16,9 @@ def backbone_for_pipeline(pipe: Any) -> Backbone:
     if getattr(pipe, "transformer", None) is not None and hasattr(pipe, "text_encoder_3"):
         return StableDiffusion3.from_pipeline(pipe)
     if getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "unet", None) is not None:
+        if getattr(pipe, "text_encoder", None) is None:
+            raise UserError(f"this {type(pipe).__name__} has no text_encoder (an SDXL refiner has only the second): "
+                            "ipgo's SDXL tokens condition both encoders' states; apply them to the base pipeline")
         return StableDiffusionXL.from_pipeline(pipe)
     if getattr(pipe, "unet", None) is not None and getattr(pipe, "text_encoder", None) is not None:
         return StableDiffusion.from_pipeline(pipe)

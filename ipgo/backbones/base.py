@@ -147,18 +147,18 @@ def check_prompt_lengths(
 @torch.no_grad()
 def encode_clip(
     tokenizer: Any, text_encoder: nn.Module, prompts: Sequence[str], budget: int, max_length: int,
-    penultimate: bool = False,
+    device: torch.device, penultimate: bool = False,
 ) -> tuple[Tensor, list[int], Tensor | None]:
-    """CLIP text states (B, S, D) of prompts cut to `budget` tokens and padded to `max_length`, as
+    """CLIP text states (B, S, D) on `device` of prompts cut to `budget` tokens and padded to `max_length`, as
     diffusers pipelines encode them (no attention mask); the real lengths; the projected pooled
     embedding when the encoder has a projection (else None)."""
     ids = tokenizer(list(prompts), truncation=True, max_length=budget).input_ids
     pad = tokenizer.pad_token_id
-    device = next(text_encoder.parameters()).device
     padded = torch.tensor([row + [pad] * (max_length - len(row)) for row in ids], device=device)
     out = text_encoder(padded, output_hidden_states=penultimate)
     hidden = out.hidden_states[-2] if penultimate else out.last_hidden_state
-    return hidden, [len(row) for row in ids], getattr(out, "text_embeds", None)
+    pooled = getattr(out, "text_embeds", None)
+    return hidden.to(device), [len(row) for row in ids], None if pooled is None else pooled.to(device)
 
 
 class Backbone(nn.Module, ABC):
@@ -209,6 +209,7 @@ class Backbone(nn.Module, ABC):
         self._scheduler_config: dict[str, Any] | None = None
         self._pipeline_config: dict[str, Any] = {}
         self._cache: dict[tuple[str, int, int], tuple[Tensor, int, int, Tensor | None]] = {}
+        self._execution_device: torch.device | None = None
 
     @classmethod
     def from_pipeline(cls, pipe: Any) -> Backbone:
@@ -225,6 +226,8 @@ class Backbone(nn.Module, ABC):
         backbone._scheduler_config = dict(pipe.scheduler.config)
         backbone._pipeline_config = dict(pipe.config)
         backbone._cache = {}
+        # where the pipeline runs its models: with CPU offload the weights' own device is "meta" or the CPU
+        backbone._execution_device = getattr(pipe, "_execution_device", None)
         return backbone
 
     # -- loading ----------------------------------------------------------------------------
@@ -345,6 +348,9 @@ class Backbone(nn.Module, ABC):
         """The unconditional branch (no learned tokens) cut to `total` tokens, from negative prompts if given."""
 
     def _device(self) -> torch.device:
+        """Where prompt states are computed and gathered."""
+        if self._execution_device is not None:
+            return self._execution_device
         return next(self._loaded(self.text_encoder).parameters()).device
 
     # -- images -----------------------------------------------------------------------------

@@ -81,9 +81,9 @@ class StableDiffusion3(Backbone):
 
     def _encode_batch(self, prompts: list[str], budget: int) -> tuple[Tensor, list[int], Tensor | None]:
         first, lengths, pooled_1 = encode_clip(self.tokenizer, self._loaded(self.text_encoder), prompts, budget,
-                                               self.max_length, penultimate=True)
+                                               self.max_length, self._device(), penultimate=True)
         second, _, pooled_2 = encode_clip(self.tokenizer_2, self.text_encoder_2, prompts, budget, self.max_length,
-                                          penultimate=True)
+                                          self._device(), penultimate=True)
         t5 = self._t5(prompts, first.dtype)
         clip = F.pad(torch.cat([first, second], dim=-1), (0, t5.shape[-1] - first.shape[-1] - second.shape[-1]))
         return torch.cat([clip, t5], dim=-2), lengths, torch.cat([pooled_1, pooled_2], dim=-1)
@@ -96,7 +96,7 @@ class StableDiffusion3(Backbone):
             return torch.zeros(len(prompts), self.max_sequence_length, width, device=device, dtype=dtype)
         ids = self.tokenizer_3(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                                add_special_tokens=True, return_tensors="pt").input_ids
-        return self.text_encoder_3(ids.to(device))[0].to(dtype)
+        return self.text_encoder_3(ids.to(device))[0].to(device=device, dtype=dtype)
 
     def negative(self, batch: int, total: int, prompts: Sequence[str] | None = None) -> Conditioning:
         embeds = self.encode(prompts if prompts is not None else [""] * batch, too_long="truncate")

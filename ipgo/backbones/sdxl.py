@@ -65,10 +65,11 @@ class StableDiffusionXL(Backbone):
             self.vae.enable_gradient_checkpointing()
 
     def _encode_batch(self, prompts: list[str], budget: int) -> tuple[Tensor, list[int], Tensor | None]:
+        device = self._device()
         first, lengths, _ = encode_clip(self.tokenizer, self._loaded(self.text_encoder), prompts, budget,
-                                        self.max_length, penultimate=True)
+                                        self.max_length, device, penultimate=True)
         second, lengths_2, pooled = encode_clip(self.tokenizer_2, self.text_encoder_2, prompts, budget,
-                                                self.max_length, penultimate=True)
+                                                self.max_length, device, penultimate=True)
         assert lengths == lengths_2, "the two SDXL tokenizers split a prompt differently"
         return torch.cat([first, second], dim=-1), lengths, pooled
 
