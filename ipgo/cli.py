@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -98,6 +99,11 @@ def main(args: list[str] | None = None) -> IPGOCLI:
         refuse_used_folder(run_dir)
     if ckpt_path == "last" and not last.exists():
         raise UserError(f"--ckpt_path last: there is no {last} to resume; leave --ckpt_path out to start the run")
+    if ckpt_path is not None and Path(last if ckpt_path == "last" else ckpt_path).is_file():
+        # another run's checkpoint is refused before any weights load (it holds only the tokens: cheap to read)
+        saved = torch.load(last if ckpt_path == "last" else ckpt_path, map_location="cpu", weights_only=False)
+        cli.datamodule.setup("fit")
+        cli.model.check_checkpoint_run(saved.get("ipgo_run", {}), cli.datamodule.train_prompts)
     if cli.trainer.world_size > 1 and uses_running_statistics(cli.model.reward):
         raise ConfigError("normalize: running keeps its statistics per process, so the processes would scale the "
                           "reward differently: use normalize: fixed (offset, scale) or none with several devices")

@@ -182,6 +182,10 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
     except ValueError as error:  # json.JSONDecodeError is a ValueError
         raise TokenFileError(f"{str(path)!r} is damaged: its metadata does not parse ({error}). Export the tokens "
                              "again from their run.") from error
+    if tokens.family == "sd3" and metadata.get("t5_states") != "kept":
+        raise TokenFileError(f"{str(path)!r} was made by an earlier ipgo, whose SD 3 conditioning dropped the last "
+                             "T5 states for the learned tokens; this ipgo keeps them, so the tokens would give other "
+                             "images than in training: optimise them again")
     _check_shapes(tokens, metadata, path)
     return tokens
 

@@ -7,7 +7,8 @@ conditioning sequence is
 
     cond = [ P ; h[:L] ; Q ; h[L : L + total - n_p - L - n_s] ]      (length `total`)
 
-`layout="padded"` keeps total = S, the length the denoiser was trained with.
+`layout="padded"` keeps total = S, the length the denoiser was trained with. A family whose sequence goes on
+after the CLIP states (SD 3: its T5 states) keeps that part as it is; only CLIP's padding states give way.
 `layout="unpadded"` (the published notebook) uses total = n_p + L + n_s, so the prompts of one
 `conditioning` call must share L: a shorter row stretched to a longer one's length would see
 filler states after its suffix (cross-attention has no mask) and give other images than alone.
@@ -129,6 +130,10 @@ def conditioning(
     if prompt_attention:
         prefix = attend_to_prompt(prefix, embeds.hidden, embeds.lengths)
         suffix = attend_to_prompt(suffix, embeds.hidden, embeds.lengths)
-    cond = Conditioning(inject(embeds.hidden, embeds.lengths, prefix, suffix, total), embeds.pooled)
+    # the tokens join the CLIP states (they give way to them: there are at least n_p + n_s padding states); what
+    # follows them, SD 3's T5 states, keeps its place and all its states
+    clip, tail = embeds.hidden[:, : backbone.max_length], embeds.hidden[:, backbone.max_length :]
+    placed = inject(clip, embeds.lengths, prefix, suffix, total - tail.shape[1])
+    cond = Conditioning(torch.cat([placed, tail], dim=1), embeds.pooled)
     uncond = backbone.negative(len(prompts), total, negative_prompts)
     return cond, uncond, embeds, prefix, suffix

@@ -562,14 +562,7 @@ class IPGOModule(L.LightningModule):
             checkpoint["ipgo_reward_statistics"] = {name: asdict(s) for name, s in self.reward.stats.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved, current = checkpoint.get("ipgo_run", {}), self._run_identity()
-        differences = [_difference(key, saved[key], value) for key, value in current.items()
-                       if key in saved and saved[key] != value]
-        if differences:
-            raise UserError(
-                f"the checkpoint was saved by another run: {'; '.join(differences)}. Its tokens would go to the "
-                "wrong prompts or shapes: resume with the run's own config (its config.yaml) or start a new run folder"
-            )
+        self.check_checkpoint_run(checkpoint.get("ipgo_run", {}), self.prompts)
         state = checkpoint.get("state_dict", {})
         if "best.reward" in state and "best.components" not in state:  # saved before components were kept
             reward = state["best.reward"]
@@ -580,12 +573,25 @@ class IPGOModule(L.LightningModule):
             for name, statistics in checkpoint.get("ipgo_reward_statistics", {}).items():
                 self.reward.stats[name] = RunningStats(**statistics)
 
-    def _run_identity(self) -> dict[str, Any]:
-        """What a checkpoint's tokens belong to: a resumed run must match it."""
+    def check_checkpoint_run(self, saved: dict[str, Any], prompts: Sequence[str]) -> None:
+        """Refuse a checkpoint saved by a run (`saved`: its "ipgo_run") other than this one on `prompts`; needs no
+        weights, so the command line checks before loading."""
+        current = self._run_identity(prompts)
+        differences = [_difference(key, saved[key], value) for key, value in current.items()
+                       if key in saved and saved[key] != value]
+        if differences:
+            raise UserError(
+                f"the checkpoint was saved by another run: {'; '.join(differences)}. Its tokens would go to the "
+                "wrong prompts or shapes: resume with the run's own config (its config.yaml) or start a new run folder"
+            )
+
+    def _run_identity(self, prompts: Sequence[str] | None = None) -> dict[str, Any]:
+        """What a checkpoint's tokens belong to (this run's, or a run's on `prompts`): a resumed run must match it."""
         shape = {key: getattr(self.token_config, key) for key in ("n_prefix", "n_suffix", "rank", "rotation_angles",
                                                                    "bias")}
         rewards = list(self.reward.names) if isinstance(self.reward, CombinedReward) else [self.reward.name]
-        return {"mode": self.mode, "prompts": list(self.prompts), "tokens": shape, "layout": self.layout,
+        return {"mode": self.mode, "prompts": list(self.prompts if prompts is None else prompts), "tokens": shape,
+                "layout": self.layout,
                 "prompt_attention": self.prompt_attention, "rewards": rewards}
 
     def _compute_so_far(self) -> dict[str, Any]:
@@ -659,7 +665,7 @@ class IPGOModule(L.LightningModule):
         # SD 3's T5 length sets the conditioning's length: a pipeline must rebuild it the same way
         t5_length = getattr(self.backbone, "max_sequence_length", None)
         return {
-            **({} if t5_length is None else {"max_sequence_length": str(t5_length)}),
+            **({} if t5_length is None else {"max_sequence_length": str(t5_length), "t5_states": "kept"}),
             # the weights trained on, which generate and evaluate load again
             **{key: value for key in ("revision", "variant") if (value := getattr(self.backbone, key, None))},
             "dtype": self.backbone.dtype_name,  # generate and evaluate render in it too

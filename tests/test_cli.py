@@ -42,7 +42,7 @@ def test_any_key_can_be_overridden(capsys):
 
 
 @pytest.mark.slow
-def test_resume_continues_where_the_run_stopped(tmp_path):
+def test_resume_continues_where_the_run_stopped(tmp_path, monkeypatch, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     main([*QUICK, "--trainer.max_epochs", "4", "--trainer.default_root_dir", str(straight)])
     main([*QUICK, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(resumed)])
@@ -62,6 +62,16 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         run([*QUICK, "--trainer.default_root_dir", str(resumed)])
     assert exit_info.value.code == 2
+    # another run's checkpoint (here: other prompts) is refused before any weights load
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(IPGOModule, "prepare", no_loading)
+    with pytest.raises(SystemExit) as exit_info:
+        run([*QUICK, "--data.limit", "1", "--trainer.default_root_dir", str(resumed), "--ckpt_path", "last"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "saved by another run: 2 prompts there, 1 here" in err, err[-600:]
 
 
 @pytest.mark.slow

@@ -112,7 +112,8 @@ def test_token_files_with_missing_or_unknown_metadata_are_refused_clearly(tmp_pa
              ({**metadata, "family": "flux"}, "family 'flux', which this ipgo does not know"),
              ({**metadata, "layout": "ragged"}, "layout 'ragged'"),
              ({**metadata, "mode": "prompt-wise", "prompts": "[not json"}, "metadata does not parse"),
-             ({**metadata, "n_prefix": "two"}, "metadata does not parse")]
+             ({**metadata, "n_prefix": "two"}, "metadata does not parse"),
+             ({**metadata, "family": "sd3"}, "earlier ipgo, whose SD 3 conditioning dropped the last T5 states")]
     for changed, message in cases:
         save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=changed)
         with pytest.raises(TokenFileError, match=message):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ipgo.inject import conformity, inject, sequence_length
+from ipgo.inject import conditioning, conformity, inject, sequence_length
 
 
 def hand_built(hidden, length, prefix, suffix, total):
@@ -49,3 +49,21 @@ def test_conformity_matches_formula_on_hand_example():
     value = conformity(hidden, torch.tensor([2]), prefix, suffix)
     assert value.shape == (1,)
     assert value.item() == pytest.approx(1.625)
+
+
+def test_states_after_the_clip_part_keep_their_place():
+    """SD 3's sequence is [77 CLIP states ; T5 states]: the tokens take CLIP padding positions, every T5 state stays."""
+    from types import SimpleNamespace
+
+    from ipgo.backbones.base import Conditioning, PromptEmbeds
+
+    clip, t5 = 6, 4
+    hidden = torch.arange(clip + t5, dtype=torch.float32).view(1, -1, 1).expand(1, -1, 2)  # state k holds k
+    backbone = SimpleNamespace(
+        max_length=clip, sequence_length=clip + t5,
+        encode=lambda prompts, reserved, too_long: PromptEmbeds(hidden, torch.tensor([3])),
+        negative=lambda batch, total, prompts: Conditioning(torch.zeros(batch, total, 2)))
+    prefix, suffix = torch.full((1, 1, 2), -1.0), torch.full((1, 2, 2), -2.0)
+    cond, uncond, *_ = conditioning(backbone, ["a cat"], prefix, suffix)
+    assert cond.hidden[0, :, 0].tolist() == [-1, 0, 1, 2, -2, -2, 6, 7, 8, 9]
+    assert uncond.hidden.shape == cond.hidden.shape

@@ -3,10 +3,12 @@
 The conditioning sequence is [CLIP part (77) ; T5 part (max_sequence_length)], 4096 wide for
 SD 3: the CLIP part is the two CLIP encoders' penultimate states concatenated per token and
 zero-padded to the T5 width. Learned tokens (4096 wide) are placed around the prompt's real
-CLIP tokens; with the padded layout the sequence keeps its length, so the last T5 padding
-states give way. The pooled embedding (both CLIP projections, 2048) is the prompt's own. The
-unconditional branch encodes the empty prompt, as the pipeline does. A model folder without
-T5 (`text_encoder_3` null) gets zeros for the T5 part, exactly like the pipeline.
+CLIP tokens; with the padded layout the sequence keeps its length: the last CLIP padding
+states give way, and every T5 state keeps its place (token files record this as
+`t5_states: kept`; earlier versions dropped the last T5 states instead). The pooled
+embedding (both CLIP projections, 2048) is the prompt's own. The unconditional branch
+encodes the empty prompt, as the pipeline does. A model folder without T5
+(`text_encoder_3` null) gets zeros for the T5 part, exactly like the pipeline.
 """
 
 from __future__ import annotations
