@@ -39,8 +39,8 @@ def test_two_process_prompt_wise_equals_one_process(tmp_path, ipgo_cache):
 
 
 @pytest.mark.slow
-def test_two_process_prompt_batch_equals_one_process_with_the_whole_batch(tmp_path, ipgo_cache):
-    """DDP averages the two ranks' gradients of 2 prompts each: the step of one process with all 4. No suffix and
+def test_two_process_prompt_batch_equals_one_process_with_both_shares(tmp_path, ipgo_cache):
+    """DDP averages the two ranks' gradients of a prompt each: the step of one process with both. No suffix and
     no rotation: DDP fails on parameters that get no gradient, so the tokens must have none. The 3 validation
     prompts are padded to 2 x 2 by Lightning; val/reward still counts each once."""
     prompts = tmp_path / "prompts.txt"
@@ -51,8 +51,9 @@ def test_two_process_prompt_batch_equals_one_process_with_the_whole_batch(tmp_pa
             "--data.val_fraction", "0.43", "--trainer.max_epochs", "2", "--model.tokens.n_suffix", "0",
             "--model.tokens.rotation_angles", "0", "--model.optimizer.class_path", "torch.optim.SGD",
             "--model.optimizer.init_args.lr", "1000"]
-    fit(tmp_path / "one", *args, "--data.batch_size", "4", cache=ipgo_cache)
-    fit(tmp_path / "two", *args, "--data.batch_size", "2", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+    # two steps an epoch, prompts {0, 1} then {2, 3} (data.shuffle is false: the processes' shares keep that order)
+    fit(tmp_path / "one", *args, "--data.batch_size", "2", cache=ipgo_cache)
+    fit(tmp_path / "two", *args, "--data.batch_size", "1", "--trainer.devices", "2", "--trainer.strategy", "ddp",
         cache=ipgo_cache)
     one, two = load_file(tmp_path / "one/tokens.safetensors"), load_file(tmp_path / "two/tokens.safetensors")
     assert one["prefix"].shape == (4, 32) and one["suffix"].shape == (0, 32)
