@@ -8,7 +8,9 @@ encoder's output space:
 
 and string metadata: format and version, method, mode, model family, base model, hidden
 size, sequence layout, too-long policy, token counts, rewards, sampler settings, training
-seeds, ipgo version, and (prompt-wise) the prompts in order. Such tokens cannot be written
+seeds and ipgo version. The prompts (prompt-wise: the prompts in order; prompt-batch: the
+training prompts) are uint8 tensors `prompts` / `train_prompts` holding a UTF-8 JSON list:
+safetensors caps its metadata at 100 MB, which a prompt set of a million lines can exceed. Such tokens cannot be written
 as textual inversion (that format is for the *input* embedding table); they reach a
 pipeline through `prompt_embeds` / `negative_prompt_embeds`, built by `token_embeds`:
 
@@ -116,14 +118,14 @@ def save_tokens(path: str | os.PathLike, tokens: TokenFile) -> Path:
         "n_suffix": str(tokens.suffix.shape[-2]),
         **tokens.extra,
     }
-    if tokens.prompts is not None:
-        metadata["prompts"] = json.dumps(tokens.prompts, ensure_ascii=False)  # escapes would double a CJK prompt set
-    if tokens.train_prompts is not None:
-        metadata["train_prompts"] = json.dumps(tokens.train_prompts, ensure_ascii=False)
     tensors = {
         "prefix": tokens.prefix.detach().float().cpu().contiguous(),
         "suffix": tokens.suffix.detach().float().cpu().contiguous(),
     }
+    for name, prompts in (("prompts", tokens.prompts), ("train_prompts", tokens.train_prompts)):
+        if prompts is not None:  # UTF-8, not escapes: those would double a CJK prompt set
+            text = json.dumps(prompts, ensure_ascii=False).encode()
+            tensors[name] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)
@@ -173,9 +175,9 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
             layout=metadata["layout"],
             too_long=metadata["too_long"],
             mode=metadata["mode"],
-            prompts=json.loads(metadata["prompts"]) if "prompts" in metadata else None,
+            prompts=_prompt_list("prompts", tensors, metadata),
             prompt_attention=json.loads(metadata.get("prompt_attention", "false")),
-            train_prompts=json.loads(metadata["train_prompts"]) if "train_prompts" in metadata else None,
+            train_prompts=_prompt_list("train_prompts", tensors, metadata),
             extra={k: v for k, v in metadata.items() if k not in known},
         )
         int(metadata["n_prefix"]), int(metadata["n_suffix"])
@@ -188,6 +190,13 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
                              "images than in training: optimise them again")
     _check_shapes(tokens, metadata, path)
     return tokens
+
+
+def _prompt_list(name: str, tensors: dict[str, Tensor], metadata: dict[str, str]) -> list[str] | None:
+    """A prompt list from its UTF-8 JSON tensor, or from the metadata (files of earlier versions); None if absent."""
+    if name in tensors:
+        return json.loads(bytes(tensors[name].numpy()).decode("utf-8"))
+    return json.loads(metadata[name]) if name in metadata else None
 
 
 def _check_shapes(tokens: TokenFile, metadata: dict[str, str], path: Path) -> None:

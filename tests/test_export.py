@@ -190,3 +190,25 @@ def test_an_sdxl_pipeline_without_its_first_text_encoder_is_refused_clearly(ipgo
     refiner = StableDiffusionXLPipeline.from_pretrained(resolve_source("tiny:sdxl"), text_encoder=None, tokenizer=None)
     with pytest.raises(UserError, match="has no text_encoder .* apply them to the base pipeline"):
         backbone_for_pipeline(refiner)
+
+
+def test_prompt_sets_beyond_the_metadata_limit_round_trip(tmp_path):
+    """safetensors caps metadata at 100 MB: prompts live in a tensor, so a prompt-batch file of a very large
+    training set (here ~110 MB of prompts) is written and read back."""
+    many = [f"prompt number {i:07d} " + "x" * 90 for i in range(1_000_000)]
+    tokens = TokenFile(torch.zeros(2, 32), torch.zeros(3, 32), family="sd", base_model="tiny", hidden_size=32,
+                       train_prompts=many)
+    loaded = load_tokens(save_tokens(tmp_path / "big.safetensors", tokens))
+    assert loaded.train_prompts == many
+
+
+def test_token_files_of_earlier_versions_keep_their_prompts_in_the_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    tokens = TokenFile(torch.zeros(2, 2, 32), torch.zeros(2, 3, 32), family="sd", base_model="tiny", hidden_size=32,
+                       mode="prompt-wise", prompts=["a cat", "ein Hund über"])
+    path = save_tokens(tmp_path / "new.safetensors", tokens)
+    with safe_open(str(path), "pt") as handle:
+        metadata = {**handle.metadata(), "prompts": json.dumps(tokens.prompts)}
+    save_file({"prefix": tokens.prefix, "suffix": tokens.suffix}, str(tmp_path / "old.safetensors"), metadata=metadata)
+    assert load_tokens(path).prompts == load_tokens(tmp_path / "old.safetensors").prompts == tokens.prompts
