@@ -117,6 +117,7 @@ def save_tokens(path: str | os.PathLike, tokens: TokenFile) -> Path:
         "n_prefix": str(tokens.prefix.shape[-2]),
         "n_suffix": str(tokens.suffix.shape[-2]),
         **tokens.extra,
+        **({"t5_states": "kept"} if tokens.family == "sd3" else {}),  # see load_tokens
     }
     tensors = {
         "prefix": tokens.prefix.detach().float().cpu().contiguous(),

@@ -665,7 +665,7 @@ class IPGOModule(L.LightningModule):
         # SD 3's T5 length sets the conditioning's length: a pipeline must rebuild it the same way
         t5_length = getattr(self.backbone, "max_sequence_length", None)
         return {
-            **({} if t5_length is None else {"max_sequence_length": str(t5_length), "t5_states": "kept"}),
+            **({} if t5_length is None else {"max_sequence_length": str(t5_length)}),
             # the weights trained on, which generate and evaluate load again
             **{key: value for key in ("revision", "variant") if (value := getattr(self.backbone, key, None))},
             "dtype": self.backbone.dtype_name,  # generate and evaluate render in it too
