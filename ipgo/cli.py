@@ -99,11 +99,6 @@ def main(args: list[str] | None = None) -> IPGOCLI:
         refuse_used_folder(run_dir)
     if ckpt_path == "last" and not last.exists():
         raise UserError(f"--ckpt_path last: there is no {last} to resume; leave --ckpt_path out to start the run")
-    if ckpt_path is not None and Path(last if ckpt_path == "last" else ckpt_path).is_file():
-        # another run's checkpoint is refused before any weights load (it holds only the tokens: cheap to read)
-        saved = torch.load(last if ckpt_path == "last" else ckpt_path, map_location="cpu", weights_only=False)
-        cli.datamodule.setup("fit")
-        cli.model.check_checkpoint_run(saved.get("ipgo_run", {}), cli.datamodule.train_prompts)
     if cli.trainer.world_size > 1 and uses_running_statistics(cli.model.reward):
         raise ConfigError("normalize: running keeps its statistics per process, so the processes would scale the "
                           "reward differently: use normalize: fixed (offset, scale) or none with several devices")
@@ -118,6 +113,8 @@ def main(args: list[str] | None = None) -> IPGOCLI:
                               "and leave trainer.max_steps unset")
         cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
     else:
+        if ckpt_path is not None:
+            check_checkpoint(cli, last if ckpt_path == "last" else Path(ckpt_path))
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
         if cli.trainer.is_global_zero and not (run_dir / "summary.json").exists():
             # resumed after its last epoch (the outputs failed before, e.g. out of memory): Lightning skips the
@@ -127,6 +124,18 @@ def main(args: list[str] | None = None) -> IPGOCLI:
             cli.model.to(cli.trainer.strategy.root_device)  # the strategy's teardown moved it to the CPU
             write_run_outputs(cli.model, run_dir)
     return cli
+
+
+def check_checkpoint(cli: IPGOCLI, path: Path) -> None:
+    """Refuse another run's checkpoint before any weights load. Memory-mapped: a prompt-wise checkpoint of many
+    prompts can hold gigabytes of optimiser state, of which only the run's description is read."""
+    if not path.is_file():
+        return  # Lightning's own message names the missing file
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    run = saved.get("ipgo_run", {})
+    del saved
+    cli.datamodule.setup("fit")
+    cli.model.check_checkpoint_run(run, cli.datamodule.train_prompts)
 
 
 def refuse_used_folder(run_dir: Path) -> None:

@@ -187,11 +187,11 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = PromptDataset(self.train_prompts, list(range(len(self.train_prompts))))
         sampler: Sampler[int] | None = EpochShuffle(len(dataset), self.split_seed) if self.shuffle else None
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        shares = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if shares and shares["num_replicas"] > 1:
             # Lightning's own sampler here would shuffle whatever `shuffle` says; this one follows it (fixed by
             # split_seed and the epoch, which Lightning sets), and pads the shares to equal size as Lightning does
-            sampler = DistributedSampler(dataset, shuffle=self.shuffle, seed=self.split_seed)
+            sampler = DistributedSampler(dataset, shuffle=self.shuffle, seed=self.split_seed, **shares)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
 
     def predict_dataloader(self) -> DataLoader:

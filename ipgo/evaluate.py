@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ipgo.backbones.base import portable_model_name
 from ipgo.data import prompt_key, read_prompts
 from ipgo.errors import NonFiniteRewardError, UserError, reported
 from ipgo.export import TokenFile, check_prompts_fit, check_tokens, load_tokens
@@ -279,9 +280,12 @@ RENDER_SETTINGS = ("scheduler", "num_steps", "guidance_scale", "height", "width"
 def _check_same_model(token_files: dict[str, TokenFile]) -> None:
     """Methods compared on the same seeds must share the model and the sampler that renders them (the raw
     prompt and best-of-N render with the first method's)."""
-    models = {(t.family, t.base_model) for t in token_files.values()}
+    models = {(t.family, portable_model_name(t.base_model), t.extra.get("revision"), t.extra.get("variant"))
+              for t in token_files.values()}
     if len(models) > 1:
-        raise UserError(f"the methods were made for different models {sorted(models)}; evaluate them separately")
+        listed = "; ".join(f"{family} {model} (revision {revision}, variant {variant})"
+                           for family, model, revision, variant in sorted(models, key=str))
+        raise UserError(f"the methods were made for different models: {listed}; evaluate them separately")
     samplers = {name: {k: sampler_settings(t)[k] for k in RENDER_SETTINGS} for name, t in token_files.items()}
     if len({json.dumps(s, sort_keys=True) for s in samplers.values()}) > 1:
         listed = "; ".join(f"{name}: {settings}" for name, settings in samplers.items())

@@ -41,7 +41,8 @@ from ipgo.files import atomic_path
 from ipgo.inject import conditioning
 
 FORMAT = "ipgo-tokens"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: prompt lists in tensors, SD 3's T5 states kept in place
+READABLE_VERSIONS = ("1", "2")
 
 
 class TokenFileError(UserError, ValueError):
@@ -147,7 +148,7 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
         raise TokenFileError(f"{str(path)!r} is not a readable safetensors file: {error}") from error
     if metadata.get("format") != FORMAT or "prefix" not in tensors or "suffix" not in tensors:
         raise TokenFileError(f"{str(path)!r} is not an ipgo token file (no {FORMAT!r} metadata)")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise TokenFileError(
             f"{str(path)!r} has token-file format {metadata.get('format_version')}; this ipgo reads "
             f"{FORMAT_VERSION}. Upgrade ipgo."
@@ -185,6 +186,9 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
     except ValueError as error:  # json.JSONDecodeError is a ValueError
         raise TokenFileError(f"{str(path)!r} is damaged: its metadata does not parse ({error}). Export the tokens "
                              "again from their run.") from error
+    if tokens.family == "sd3" and tokens.layout == "unpadded":
+        raise TokenFileError(f"{str(path)!r} is an SD 3 file with layout unpadded, which would drop every T5 state; "
+                             "ipgo trains SD 3 with layout padded only")
     if tokens.family == "sd3" and metadata.get("t5_states") != "kept":
         raise TokenFileError(f"{str(path)!r} was made by an earlier ipgo, whose SD 3 conditioning dropped the last "
                              "T5 states for the learned tokens; this ipgo keeps them, so the tokens would give other "

@@ -19,9 +19,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        descriptor = os.open(tmp, os.O_RDONLY)  # on disk before the rename: after a power cut, old file or new
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         os.chmod(tmp, _NEW_FILE_MODE)  # some writers (safetensors) create files only their owner can read
-        with open(tmp, "rb+") as handle:  # on disk before the rename: after a power cut, the old file or the new
-            os.fsync(handle.fileno())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

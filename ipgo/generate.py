@@ -223,7 +223,8 @@ def generate(
         device: torch device, e.g. "cuda".
         dtype: float32, float16 or bfloat16; default: the one the tokens were trained in.
         allow_training_seeds: allow seeds the tokens were trained on (recorded in images.json).
-        overwrite: write into a non-empty `out` (the images of an earlier generate there are removed first).
+        overwrite: write into a non-empty `out` (the images of an earlier generate there are removed once the new
+            ones are written).
     """
     check_output_folder(out, overwrite, "ipgo.generate")
     earlier = earlier_renders(Path(out))

@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ipgo.backbones.base import Backbone, TooLong, check_prompt_lengths
+from ipgo.backbones.base import Backbone, TooLong, check_prompt_lengths, portable_model_name
 from ipgo.errors import ConfigError, NonFiniteRewardError, UserError
 from ipgo.export import TokenFile
 from ipgo.files import atomic_path
@@ -477,8 +477,8 @@ class IPGOModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         rewards, seen = (self.trainer.strategy.reduce(t, reduce_op="sum") for t in (self._val_rewards, self._val_seen))
         scored = seen > 0
-        if scored.any():  # the same value on every process: no further sync
-            self.log("val/reward", (rewards[scored] / seen[scored]).mean(), prog_bar=True)
+        if scored.any():  # the same value on every process (sync_dist averages equal values: no Lightning warning)
+            self.log("val/reward", (rewards[scored] / seen[scored]).mean(), prog_bar=True, sync_dist=True)
 
     # -- rendering -------------------------------------------------------------------------
     @torch.no_grad()
@@ -564,6 +564,7 @@ class IPGOModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint_run(checkpoint.get("ipgo_run", {}), self.prompts)
         state = checkpoint.get("state_dict", {})
+        _drop_unused_token_parameters(checkpoint, set(self.state_dict()))
         if "best.reward" in state and "best.components" not in state:  # saved before components were kept
             reward = state["best.reward"]
             state["best.components"] = (torch.full((len(reward), len(self.reward.names)), torch.nan)
@@ -577,6 +578,10 @@ class IPGOModule(L.LightningModule):
         """Refuse a checkpoint saved by a run (`saved`: its "ipgo_run") other than this one on `prompts`; needs no
         weights, so the command line checks before loading."""
         current = self._run_identity(prompts)
+        if saved and "t5_states" in current and "t5_states" not in saved:
+            raise UserError("the checkpoint was saved by an earlier ipgo, whose SD 3 conditioning dropped the last "
+                            "T5 states for the learned tokens; this ipgo keeps them, so its tokens were trained on "
+                            "another conditioning: start a new run folder")
         differences = [_difference(key, saved[key], value) for key, value in current.items()
                        if key in saved and saved[key] != value]
         if differences:
@@ -591,8 +596,8 @@ class IPGOModule(L.LightningModule):
                                                                    "bias")}
         rewards = list(self.reward.names) if isinstance(self.reward, CombinedReward) else [self.reward.name]
         return {"mode": self.mode, "prompts": list(self.prompts if prompts is None else prompts), "tokens": shape,
-                "layout": self.layout,
-                "prompt_attention": self.prompt_attention, "rewards": rewards}
+                "layout": self.layout, "prompt_attention": self.prompt_attention, "rewards": rewards,
+                **({"t5_states": "kept"} if self.backbone.family == "sd3" else {})}  # see inject.conditioning
 
     def _compute_so_far(self) -> dict[str, Any]:
         return {**self.compute, "fit_seconds": self.compute["fit_seconds"] + time.perf_counter() - self._fit_started}
@@ -645,7 +650,7 @@ class IPGOModule(L.LightningModule):
             prefix=prefix,
             suffix=suffix,
             family=self.backbone.family,
-            base_model=_portable_model_name(self.backbone.model),
+            base_model=portable_model_name(self.backbone.model),
             hidden_size=self.backbone.hidden_size,
             layout=self.layout,
             too_long=self.too_long,
@@ -679,8 +684,20 @@ class IPGOModule(L.LightningModule):
         }
 
 
-def _portable_model_name(model: str) -> str:
-    """A local folder as an absolute path (the token file is read from other working directories); hub ids and
-    tiny names as they are."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
+def _drop_unused_token_parameters(checkpoint: dict[str, Any], own: set[str]) -> None:
+    """Checkpoints of earlier versions hold parameters that no longer exist (an empty side's, zero-width rotation
+    angles) in the model state and in the optimiser's, which numbers the token parameters in state-dict order:
+    drop them from both and renumber the rest, so such a run resumes."""
+    state = checkpoint.get("state_dict", {})
+    keys = [key for key in state if key.startswith("tokens.")]
+    kept = [i for i, key in enumerate(keys) if key in own]
+    if len(kept) == len(keys):
+        return
+    number = {old: new for new, old in enumerate(kept)}
+    for optimizer in checkpoint.get("optimizer_states", []):
+        optimizer["state"] = {number[i]: value for i, value in optimizer["state"].items() if i in number}
+        for group in optimizer["param_groups"]:
+            group["params"] = [number[i] for i in group["params"] if i in number]
+    for key in keys:
+        if key not in own:
+            del state[key]

@@ -234,3 +234,31 @@ def test_unknown_reward_name_lists_the_known_ones(capsys):
     assert "reward 'hpsv2'" in err and "its arguments are checkpoint, model_name" in err
     err = bad_input(["--model.rewards", "[{name: aesthetic}]"], capsys)  # the demo config already has a reward
     assert "give exactly one of model.reward" in err
+
+
+def test_a_checkpoint_of_an_earlier_version_with_unused_token_parameters_resumes(tmp_path):
+    """Earlier versions kept an empty side's parameters and zero-width rotation angles, in the model state and in
+    the optimiser's numbering: such a checkpoint still resumes, to the tokens of an uninterrupted run."""
+    shape = ["--model.tokens.n_suffix", "0", "--model.tokens.rotation_angles", "0"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main([*QUICK, *shape, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(straight)])
+    main([*QUICK, *shape, "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(resumed)])
+    path = resumed / "checkpoints/last.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    state, old = checkpoint["state_dict"], {}
+    for key, value in state.items():  # rebuilt as an earlier version saved it: 6 parameters a set, not 2
+        old[key] = value
+        if key.endswith("prefix.coeffs"):
+            stem = key[: -len("prefix.coeffs")]
+            old[stem + "prefix.angles"] = torch.zeros(len(value), 0)
+            old[stem + "suffix.basis"], old[stem + "suffix.coeffs"] = torch.randn(32, 8), torch.zeros(0, 8)
+            old[stem + "suffix.angles"] = torch.zeros(0, 0)
+    checkpoint["state_dict"] = old
+    optimizer = checkpoint["optimizer_states"][0]
+    optimizer["state"] = {6 * (i // 2) + i % 2: value for i, value in optimizer["state"].items()}
+    optimizer["param_groups"][0]["params"] = list(range(6 * len(optimizer["param_groups"][0]["params"]) // 2))
+    torch.save(checkpoint, path)
+    main([*QUICK, *shape, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(resumed), "--ckpt_path",
+          "last"])
+    a, b = load_file(straight / "tokens.safetensors"), load_file(resumed / "tokens.safetensors")
+    assert (a["prefix"] - b["prefix"]).abs().max() < 1e-6

@@ -142,12 +142,12 @@ def test_a_failed_render_leaves_no_tokens_on_the_pipeline(tiny_sd_dir, tiny_clip
 
 def test_token_files_name_the_weights_they_were_trained_on(tiny_sd_dir, tiny_clip_dir, monkeypatch):
     """A local folder by its absolute path, and the revision and variant, which generate loads again."""
+    from ipgo.backbones.base import portable_model_name
     from ipgo.generate import load_pipeline
-    from ipgo.module import _portable_model_name
 
     monkeypatch.chdir(tiny_sd_dir.parent)
-    assert _portable_model_name(tiny_sd_dir.name) == str(tiny_sd_dir.resolve())
-    assert _portable_model_name("org/model") == "org/model"
+    assert portable_model_name(tiny_sd_dir.name) == str(tiny_sd_dir.resolve())
+    assert portable_model_name("org/model") == "org/model"
     module = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch")
     module.backbone.variant, module.backbone.revision = "fp16", "v2"  # as if loaded so (tiny has no fp16 files)
     tokens = module.token_file()
@@ -209,6 +209,6 @@ def test_token_files_of_earlier_versions_keep_their_prompts_in_the_metadata(tmp_
                        mode="prompt-wise", prompts=["a cat", "ein Hund über"])
     path = save_tokens(tmp_path / "new.safetensors", tokens)
     with safe_open(str(path), "pt") as handle:
-        metadata = {**handle.metadata(), "prompts": json.dumps(tokens.prompts)}
+        metadata = {**handle.metadata(), "prompts": json.dumps(tokens.prompts), "format_version": "1"}
     save_file({"prefix": tokens.prefix, "suffix": tokens.suffix}, str(tmp_path / "old.safetensors"), metadata=metadata)
     assert load_tokens(path).prompts == load_tokens(tmp_path / "old.safetensors").prompts == tokens.prompts

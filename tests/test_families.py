@@ -110,6 +110,18 @@ def test_sd3_refuses_the_unpadded_layout_before_loading(ipgo_cache, tiny_clip_di
     assert module.backbone.transformer is None  # refused before the weights loaded
 
 
+def test_sd3_checkpoints_of_the_earlier_conditioning_are_refused(ipgo_cache, tiny_clip_dir):
+    """Earlier versions dropped the last T5 states for the tokens: their SD 3 checkpoints trained on another
+    conditioning (their run description has no t5_states)."""
+    module = make_module("sd3", ipgo_cache, tiny_clip_dir)
+    current = module._run_identity(["a cat"])
+    module.check_checkpoint_run(current, ["a cat"])
+    earlier = {key: value for key, value in current.items() if key != "t5_states"}
+    with pytest.raises(UserError, match="earlier ipgo, whose SD 3 conditioning dropped the last T5 states"):
+        module.check_checkpoint_run(earlier, ["a cat"])
+    assert "t5_states" not in make_module("sd1", ipgo_cache, tiny_clip_dir)._run_identity(["a cat"])
+
+
 @pytest.mark.parametrize("t5_length", [77, 300])
 def test_sd3_tokens_carry_their_t5_length_into_the_pipeline(t5_length, ipgo_cache, tiny_clip_dir, tmp_path):
     """Trained with a T5 length other than the pipeline's default 256, the tokens rebuild the same conditioning,

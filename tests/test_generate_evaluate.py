@@ -196,6 +196,8 @@ def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tm
     other = save_tokens(tmp_path / "other.safetensors", tokens)
     tokens.extra.update(sampler=json.dumps(sampler), rewards=json.dumps(["clip_score", "aesthetic"]))
     combined = save_tokens(tmp_path / "combined.safetensors", tokens)
+    tokens.extra.update(rewards=json.dumps(["clip_score"]), revision="v2")  # the same model id at another revision
+    revised = save_tokens(tmp_path / "revised.safetensors", tokens)
 
     def no_loading(self):
         raise AssertionError("a reward loaded before the input was checked")
@@ -206,6 +208,7 @@ def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tm
     cases = [
         (dict(methods=[f"ipgo={run_dir}"], prompts=str(twice)), "prompt 3 .* repeats prompt 1"),
         (dict(methods=[f"ipgo={run_dir}", f"other={other}"]), "different sampler settings"),
+        (dict(methods=[f"ipgo={run_dir}", f"other={revised}"]), "made for different models"),
         (dict(methods=[f"ipgo={run_dir}"], bootstrap=0), "at least 1 resample"),
         (dict(methods=[f"ipgo={run_dir}"], best_of_n="many"), "best_of_n='many'"),
         (dict(methods=[f"ipgo={combined}"]), "combination of rewards .* set --selection_reward"),

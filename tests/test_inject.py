@@ -64,6 +64,5 @@ def test_states_after_the_clip_part_keep_their_place():
         encode=lambda prompts, reserved, too_long: PromptEmbeds(hidden, torch.tensor([3])),
         negative=lambda batch, total, prompts: Conditioning(torch.zeros(batch, total, 2)))
     prefix, suffix = torch.full((1, 1, 2), -1.0), torch.full((1, 2, 2), -2.0)
-    cond, uncond, *_ = conditioning(backbone, ["a cat"], prefix, suffix)
+    cond, *_ = conditioning(backbone, ["a cat"], prefix, suffix)
     assert cond.hidden[0, :, 0].tolist() == [-1, 0, 1, 2, -2, -2, 6, 7, 8, 9]
-    assert uncond.hidden.shape == cond.hidden.shape

@@ -174,20 +174,6 @@ def test_best_tokens_survive_a_checkpoint_without_components(tiny_sd_dir, tiny_c
     assert module.best.prefix[:, 0, 0].tolist() == [7.0, 0.0, 7.0]  # only the better step replaced its best
 
 
-def test_a_checkpoint_with_the_unused_parameters_of_earlier_versions_resumes(tiny_sd_dir, tiny_clip_dir):
-    """Earlier versions kept an empty side's parameters and zero-width rotation angles in checkpoints."""
-    module = make_module(tiny_sd_dir, tiny_clip_dir)
-    module.token_config = TokenConfig(n_prefix=2, n_suffix=0, rank=4, rotation_angles=0)
-    module.prepare(PROMPTS)
-    state = {k: v.clone() + 1 for k, v in module.state_dict().items()}
-    state["tokens.sets.0.prefix.angles"] = torch.zeros(2, 0)
-    state["tokens.sets.0.suffix.basis"], state["tokens.sets.0.suffix.coeffs"] = torch.zeros(32, 4), torch.zeros(0, 4)
-    checkpoint = {"state_dict": state}
-    module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)  # as Lightning loads it
-    assert torch.equal(module.tokens.sets[0].prefix.coeffs, state["tokens.sets.0.prefix.coeffs"])
-
-
 def test_nan_reward_is_a_clear_error(tiny_sd_dir, tiny_clip_dir, tmp_path):
     module = make_module(tiny_sd_dir, tiny_clip_dir)
     module.prepare(PROMPTS)

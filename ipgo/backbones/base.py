@@ -397,3 +397,10 @@ class Backbone(nn.Module, ABC):
     def dtype(self) -> torch.dtype:
         """dtype of the frozen weights."""
         return torch_dtype(self.dtype_name)
+
+
+def portable_model_name(model: str) -> str:
+    """A local folder as an absolute path (token files are read from other working directories); hub ids and
+    tiny names as they are."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
