@@ -26,15 +26,19 @@ class PromptFileError(UserError, ValueError):
     """A prompt file that cannot be used."""
 
 
+COLUMN_FLAGS = "--data.column NAME for ipgo.fit, --column NAME for ipgo.generate and ipgo.evaluate"
+
+
 def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
     """Prompts from a .txt, .csv or .jsonl file, in file order."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise PromptFileError(f"prompt file {str(path)!r} does not exist; pass --data.prompts PATH")
+        raise PromptFileError(f"prompt file {str(path)!r} does not exist: check the path")
     suffix = path.suffix.lower()
     if suffix == ".txt":
         if column is not None:
-            raise PromptFileError(f"{path.name} is a .txt file (one prompt per line): remove data.column")
+            raise PromptFileError(f"{path.name} is a .txt file (one prompt per line), which has no columns: leave the "
+                                  "column unset")
         prompts = [line.strip() for line in _lines(path)]
     elif suffix in (".csv", ".jsonl"):
         rows = _rows(path, suffix)
@@ -42,7 +46,7 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
         if rows and key not in rows[0]:
             raise PromptFileError(
                 f"{path.name} has no column {key!r}; its columns are {sorted(rows[0])}. "
-                "Choose one with --data.column NAME"
+                f"Choose one ({COLUMN_FLAGS})"
             )
         if suffix == ".jsonl":
             missing = next((number for number, row in enumerate(rows, 1) if row.get(key) is None), None)

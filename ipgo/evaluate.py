@@ -129,6 +129,7 @@ def evaluate(
     rewards: list[RewardSpec],
     seeds: str = "1000-1003",
     prompts: str | None = None,
+    column: str | None = None,
     out: str = "evaluation",
     best_of_n: int | Literal["auto", "off"] = "auto",
     selection_reward: str | None = None,
@@ -149,6 +150,7 @@ def evaluate(
             include the optimised one and held-out ones.
         seeds: evaluation seeds, e.g. "1000-1003"; seeds used in optimisation are refused.
         prompts: prompt file; default: the prompts of the first prompt-wise method.
+        column: the column of a .csv/.jsonl prompt file that holds the prompts (default "prompt").
         out: output folder (report.md, metrics.json, grid_*.png).
         best_of_n: candidates per (prompt, seed) of the best-of-N baseline; "auto" matches the first
             method's sampler calls per prompt; "off" leaves it out.
@@ -168,7 +170,7 @@ def evaluate(
     first = next(iter(token_files.values()))
     _check_same_model(token_files)
     seed_list = parse_seeds(seeds)
-    prompt_list = _prompts(prompts, token_files)
+    prompt_list = _prompts(prompts, column, token_files)
     flags: dict[str, list[str]] = {}
     for name, tokens in token_files.items():
         used = check_held_out(tokens, seed_list, allow_training_seeds)
@@ -295,9 +297,9 @@ def _check_same_model(token_files: dict[str, TokenFile]) -> None:
         )
 
 
-def _prompts(path: str | None, token_files: dict[str, TokenFile]) -> list[str]:
+def _prompts(path: str | None, column: str | None, token_files: dict[str, TokenFile]) -> list[str]:
     if path is not None:
-        return read_prompts(path)
+        return read_prompts(path, column)
     for tokens in token_files.values():
         if tokens.prompts is not None:
             return list(tokens.prompts)

@@ -205,6 +205,7 @@ def generate(
     tokens: str,
     seeds: str = "1000-1003",
     prompts: str | None = None,
+    column: str | None = None,
     out: str = "generated",
     model: str | None = None,
     device: str = "cpu",
@@ -218,6 +219,7 @@ def generate(
         tokens: a token file, or a run folder holding tokens.safetensors.
         seeds: seeds as a range or list, e.g. "0-7" or "1,4,9".
         prompts: a prompt file (.txt/.csv/.jsonl); default: the prompts of a prompt-wise token file.
+        column: the column of a .csv/.jsonl prompt file that holds the prompts (default "prompt").
         out: output folder.
         model: base model id or folder; default: the one recorded in the token file.
         device: torch device, e.g. "cuda".
@@ -232,7 +234,7 @@ def generate(
     seed_list = parse_seeds(seeds)
     flagged = check_held_out(token_file, seed_list, allow_training_seeds)
     if prompts is not None:
-        prompt_list = read_prompts(prompts)
+        prompt_list = read_prompts(prompts, column)
     elif token_file.prompts is not None:
         prompt_list = list(token_file.prompts)
     else:

@@ -23,7 +23,7 @@ def test_prompt_sources(tmp_path):
 @pytest.mark.parametrize(("name", "text", "column", "message"), [
     ("p.csv", "id,caption\n1,a\n", "text", "no column 'text'; its columns are ['caption', 'id']"),
     ("p.jsonl", '{"prompt": "a"}\n{oops\n', None, "line 2 is not valid JSON"),
-    ("p.txt", "a cat\n", "prompt", "remove data.column"),
+    ("p.txt", "a cat\n", "prompt", "which has no columns: leave the column unset"),
     ("p.json", "[]", None, "use .txt, .csv or .jsonl"),
     ("p.txt", " \n\n", None, "has no prompts"),
     ("p.txt", "a cat\na dog\na cat\n", None, "prompt 3 ('a cat') repeats prompt 1;"),
