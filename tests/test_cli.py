@@ -42,11 +42,27 @@ def test_any_key_can_be_overridden(capsys):
 
 
 @pytest.mark.slow
+def count_training_epochs(monkeypatch) -> list[int]:
+    """The epochs in which training steps run from now on (one entry per step)."""
+    epochs: list[int] = []
+    step = IPGOModule.training_step
+
+    def counted(self, *args, **kwargs):
+        epochs.append(self.current_epoch)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(IPGOModule, "training_step", counted)
+    return epochs
+
+
 def test_resume_continues_where_the_run_stopped(tmp_path, monkeypatch, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     main([*QUICK, "--trainer.max_epochs", "4", "--trainer.default_root_dir", str(straight)])
     main([*QUICK, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(resumed)])
+    epochs = count_training_epochs(monkeypatch)
     main([*QUICK, "--trainer.max_epochs", "4", "--trainer.default_root_dir", str(resumed), "--ckpt_path", "last"])
+    assert epochs == [2, 3]  # it went on from the checkpoint: a run from scratch would reproduce the tokens too
+    monkeypatch.undo()
     a, b = load_file(straight / "tokens.safetensors"), load_file(resumed / "tokens.safetensors")
     for key in ("prefix", "suffix"):
         assert (a[key] - b[key]).abs().max() < 1e-6
@@ -91,7 +107,9 @@ def test_an_interrupted_run_resumes_from_its_last_finished_epoch(tmp_path, monke
     assert torch.load(broken / "checkpoints/last.ckpt", weights_only=False)["epoch"] == 1
     with pytest.raises(RunFolderExistsError, match="unfinished run"):
         main([*QUICK, "--trainer.default_root_dir", str(broken)])
+    epochs = count_training_epochs(monkeypatch)
     main([*QUICK, "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(broken), "--ckpt_path", "last"])
+    assert epochs == [2]
     a, b = load_file(straight / "tokens.safetensors"), load_file(broken / "tokens.safetensors")
     assert (a["prefix"] - b["prefix"]).abs().max() < 1e-6
 
@@ -120,18 +138,20 @@ def test_a_fresh_run_refuses_a_folder_with_files(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_resumed_shuffled_prompt_batch_run_sees_the_same_orders(tmp_path):
+def test_a_resumed_shuffled_prompt_batch_run_sees_the_same_orders(tmp_path, monkeypatch):
     batch = [*QUICK, "--data.limit", "3", "--model.mode", "prompt-batch", "--data.shuffle", "true",
              "--data.batch_size", "1", "--model.seeds.policy", "fresh"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     main([*batch, "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(straight)])
     main([*batch, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(resumed)])
+    epochs = count_training_epochs(monkeypatch)
     main([*batch, "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(resumed), "--ckpt_path", "last"])
+    assert epochs == [2, 2, 2]  # the last epoch only: one prompt a step
     a, b = load_file(straight / "tokens.safetensors"), load_file(resumed / "tokens.safetensors")
     assert (a["prefix"] - b["prefix"]).abs().max() < 1e-6
 
 
-def test_a_run_whose_outputs_failed_is_finished_by_resuming(tmp_path, capsys):
+def test_a_run_whose_outputs_failed_is_finished_by_resuming(tmp_path, capsys, monkeypatch):
     """The outputs come after the last epoch (rendering can run out of memory there): resuming writes them."""
     folder = tmp_path / "run"
     main([*QUICK, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(folder)])
@@ -140,7 +160,9 @@ def test_a_run_whose_outputs_failed_is_finished_by_resuming(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run([*QUICK, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(folder)])
     assert "holds an unfinished run" in capsys.readouterr().err  # a fresh run would overwrite its checkpoint
+    epochs = count_training_epochs(monkeypatch)
     main([*QUICK, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(folder), "--ckpt_path", "last"])
+    assert epochs == []  # nothing trained again: only the outputs written
     assert (folder / "summary.json").is_file() and (folder / "tokens.safetensors").is_file()
     with pytest.raises(SystemExit):
         run([*QUICK, "--trainer.default_root_dir", str(tmp_path / "empty"), "--ckpt_path", "last"])
@@ -236,7 +258,7 @@ def test_unknown_reward_name_lists_the_known_ones(capsys):
     assert "give exactly one of model.reward" in err
 
 
-def test_a_checkpoint_of_an_earlier_version_with_unused_token_parameters_resumes(tmp_path):
+def test_a_checkpoint_of_an_earlier_version_with_unused_token_parameters_resumes(tmp_path, monkeypatch):
     """Earlier versions kept an empty side's parameters and zero-width rotation angles, in the model state and in
     the optimiser's numbering: such a checkpoint still resumes, to the tokens of an uninterrupted run."""
     shape = ["--model.tokens.n_suffix", "0", "--model.tokens.rotation_angles", "0"]
@@ -258,7 +280,9 @@ def test_a_checkpoint_of_an_earlier_version_with_unused_token_parameters_resumes
     optimizer["state"] = {6 * (i // 2) + i % 2: value for i, value in optimizer["state"].items()}
     optimizer["param_groups"][0]["params"] = list(range(6 * len(optimizer["param_groups"][0]["params"]) // 2))
     torch.save(checkpoint, path)
+    epochs = count_training_epochs(monkeypatch)
     main([*QUICK, *shape, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(resumed), "--ckpt_path",
           "last"])
+    assert epochs == [1]  # resumed with the checkpoint's optimiser state, not started again
     a, b = load_file(straight / "tokens.safetensors"), load_file(resumed / "tokens.safetensors")
     assert (a["prefix"] - b["prefix"]).abs().max() < 1e-6

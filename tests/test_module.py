@@ -1,3 +1,5 @@
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -5,6 +7,7 @@ import torch
 from ipgo.backbones import StableDiffusion
 from ipgo.data import PromptDataModule
 from ipgo.errors import ConfigError, UserError
+from ipgo.export import load_tokens
 from ipgo.module import IPGOModule, NonFiniteRewardError, SeedConfig
 from ipgo.rewards import ClipScore, CombinedReward, RewardTerm
 from ipgo.rewards.combine import RewardSpec, RunningStats, build_reward
@@ -46,13 +49,27 @@ def fit(module, datamodule, tmp_path, epochs, **trainer_kwargs):
 
 def test_prompt_wise_raises_each_prompts_reward(tiny_sd_dir, tiny_clip_dir, tmp_path):
     module = make_module(tiny_sd_dir, tiny_clip_dir)
+    module.conformity_weight = 0.0  # the reward's gradient alone (the penalty's is larger on these tiny models)
     fit(module, PromptDataModule(prompt_file(tmp_path), batch_size=3), tmp_path, epochs=6)
     assert len(module.tokens) == 3  # one token set per prompt
     assert (module.best.last > module.best.first).all(), (module.best.first, module.best.last)
-    prefix, _ = module.export_vectors()
-    assert prefix.shape == (3, 2, 32) and not torch.allclose(prefix[0], prefix[1])
-    assert (tmp_path / "tokens.safetensors").is_file() and (tmp_path / "before_after.png").is_file()
-    assert (tmp_path / "summary.md").read_text().count("|") > 10
+    # the file holds each prompt's best tokens, and they give the best reward again on the training seeds
+    exported = load_tokens(tmp_path / "tokens.safetensors")
+    assert exported.prompts == PROMPTS and torch.equal(exported.prefix, module.best.prefix.cpu())
+    assert not torch.equal(exported.prefix, module.tokens(range(3))[0].detach())  # not simply the last tokens
+    again = module.score(PROMPTS, module.seeds.train, exported.prefix, exported.suffix)[:, 0]
+    torch.testing.assert_close(again, module.best.reward.cpu(), atol=1e-5, rtol=0)
+    # the summary's before and after are the rewards of the raw prompts and of the file's tokens, on held-out seeds
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    shown = PROMPTS[: module.report_prompts]
+    before = module.score(shown, module.seeds.eval).mean(1)
+    after = module.score(shown, module.seeds.eval, exported.prefix[:2], exported.suffix[:2]).mean(1)
+    assert [row["prompt"] for row in summary["per_prompt"]] == shown
+    torch.testing.assert_close(torch.tensor([row["before"] for row in summary["per_prompt"]]), before, atol=1e-5,
+                               rtol=0)
+    torch.testing.assert_close(torch.tensor([row["after"] for row in summary["per_prompt"]]), after, atol=1e-5,
+                               rtol=0)
+    assert (tmp_path / "before_after.png").is_file()
 
 
 @pytest.mark.parametrize("layout", ["padded", "unpadded"])
