@@ -55,10 +55,26 @@ def test_batch_invariance_and_eval_mode(rewards: dict[str, Reward], images: torc
     torch.testing.assert_close(batch, single, atol=1e-5, rtol=0)
 
 
-def test_clip_score_is_a_cosine(rewards: dict[str, Reward], images: torch.Tensor) -> None:
-    scores = rewards["clip_score"](images, PROMPTS)
-    assert (scores.abs() <= 1).all()
-    assert not torch.equal(scores, rewards["clip_score"](images, PROMPTS[::-1]))
+def test_clip_score_and_aesthetic_match_their_formulas(rewards: dict[str, Reward], tiny_clip_dir: Path,
+                                                       aesthetic_head_file: Path) -> None:
+    """Recomputed with the CLIP model's own processor and forward pass and the head file, apart from ipgo's code.
+    The images are 32 x 32 (the processor's size) and in steps of 1/255, so both preprocess them exactly alike."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    clip = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    processor = CLIPImageProcessor.from_pretrained(tiny_clip_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), generator=torch.Generator().manual_seed(2)).float() / 255
+    pictures = [Image.fromarray((p * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()) for p in pixels]
+    with torch.no_grad():
+        out = clip(**tokenizer(PROMPTS, padding=True, return_tensors="pt"),
+                   pixel_values=processor(images=pictures, return_tensors="pt").pixel_values)
+        cosine = out.logits_per_image.diagonal() / clip.logit_scale.exp()  # CLIP's cosine of each image-prompt pair
+        torch.testing.assert_close(rewards["clip_score"](pixels, PROMPTS), cosine, atol=1e-4, rtol=0)
+        head = AestheticHead(out.image_embeds.shape[-1]).eval()  # its dropout off
+        head.load_state_dict(torch.load(aesthetic_head_file, weights_only=True))
+        unit = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)  # the LAION head takes unit vectors
+        torch.testing.assert_close(rewards["aesthetic"](pixels, PROMPTS), head(unit).squeeze(-1), atol=1e-4, rtol=0)
 
 
 def _test_image() -> Image.Image:
