@@ -212,3 +212,21 @@ def test_token_files_of_earlier_versions_keep_their_prompts_in_the_metadata(tmp_
         metadata = {**handle.metadata(), "prompts": json.dumps(tokens.prompts), "format_version": "1"}
     save_file({"prefix": tokens.prefix, "suffix": tokens.suffix}, str(tmp_path / "old.safetensors"), metadata=metadata)
     assert load_tokens(path).prompts == load_tokens(tmp_path / "old.safetensors").prompts == tokens.prompts
+
+
+def test_applied_tokens_refuse_a_second_prompt_they_would_ignore(ipgo_cache, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    from ipgo.testing import resolve_source
+
+    monkeypatch.setenv("IPGO_CACHE", str(ipgo_cache))
+    pipe = StableDiffusionXLPipeline.from_pretrained(resolve_source("tiny:sdxl"))
+    pipe.set_progress_bar_config(disable=True)
+    tokens = TokenFile(torch.randn(2, 64), torch.randn(1, 64), family="sdxl", base_model="tiny:sdxl", hidden_size=64)
+    ipgo.apply_tokens(pipe, tokens)
+    call = dict(num_inference_steps=1, height=32, width=32, output_type="pt")
+    with pytest.raises(UserError, match="prompt_2 differs from prompt: ipgo's tokens condition every text encoder"):
+        pipe("a cat", prompt_2="an oil painting", **call)
+    with pytest.raises(UserError, match="negative_prompt_2 differs from negative_prompt"):
+        pipe("a cat", negative_prompt="blurry", negative_prompt_2="dark", **call)
+    assert pipe("a cat", prompt_2="a cat", **call).images.shape == (1, 3, 32, 32)  # the same prompt: nothing lost

@@ -323,6 +323,13 @@ def test_prompts_too_long_for_the_tokens_are_refused_before_loading(run, tmp_pat
     with pytest.raises(UserError, match="has 74 tokens but only"):
         evaluate([f"ipgo={shared}"], REWARDS[:1], seeds="1000", prompts=str(long), out=str(tmp_path / "e"),
                  best_of_n="off")
+    trained = tmp_path / "trained.txt"
+    trained.write_text("A  cat\n")  # the training prompt "a cat", as CLIP sees it
+    with pytest.raises(UserError, match="1 evaluation prompts .* were in the training split of 'ipgo'"):
+        evaluate([f"ipgo={shared}"], REWARDS[:1], seeds="1000", prompts=str(trained), out=str(tmp_path / "e"))
+    (tmp_path / "dog.txt").write_text("a dog\n")
+    with pytest.raises(UserError, match="no tokens for 'a dog'"):  # a prompt-wise file holds its own prompts only
+        generate(str(run_dir), seeds="1000", prompts=str(tmp_path / "dog.txt"), out=str(tmp_path / "g"))
 
 
 def test_evaluate_overwrite_replaces_the_earlier_grids(run, tmp_path):
