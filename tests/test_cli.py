@@ -196,7 +196,8 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
         (["--data.prompts", str(empty)], "has no prompts"),
         (["--data.prompts", str(table)], "no column 'prompt'; its columns are ['caption', 'id']"),
         (["--data.prompts", str(long), "--model.too_long", "error"], "has 74 tokens but only 69 fit"),
-        (["--model.sampler.scheduler", "heunn"], "heunn"),
+        (["--model.sampler.scheduler", "heunn"], "Expected a typing.Literal['ddim', 'euler', 'lms', 'dpmpp_2m', "
+         "'flow_euler']. Got value: heunn"),
         (["--model.backbone.init_args.model", "tiny:sd7"], "unknown tiny model 'tiny:sd7'"),
         (["--model.prompt_attention", "true"], "prompt_attention (IPGO+) is a prompt-batch variant"),
         (["--data.val_fraction", "0.5"], "set data.val_fraction=0"),

@@ -213,7 +213,7 @@ def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tm
         (dict(methods=[f"ipgo={run_dir}"], best_of_n="many"), "best_of_n='many'"),
         (dict(methods=[f"ipgo={combined}"]), "combination of rewards .* set --selection_reward"),
         (dict(methods=[f"ipgo={run_dir}"], selection_reward="aesthetic"), "not among the rewards scored"),
-        (dict(methods=[f"ipgo={run_dir}"], model=str(tmp_path / "missing")), "missing"),
+        (dict(methods=[f"ipgo={run_dir}"], model=str(tmp_path / "missing")), "model folder .*missing.* does not exist"),
     ]
     for kwargs, message in cases:
         with pytest.raises(UserError, match=message):

@@ -45,8 +45,10 @@ def test_captions_and_split():
                               if len(p := parse(c)) == 2 and {(i.colour, i.shape) for i in p} & unpaired)
     assert len(held_out) == 63 and "a red circle on the left and a red square on the right" in held_out
     assert "a red circle on the left" in train and "a blue triangle on the right" in train
-    for bad in ("a purple circle on the left", "a red circle on the left and a red square on the left", "a cat"):
-        with pytest.raises(ValueError):
+    for bad, message in (("a purple circle on the left", "not a shapes-world caption"),
+                         ("a red circle on the left and a red square on the left", "two shapes on one side"),
+                         ("a cat", "not a shapes-world caption")):
+        with pytest.raises(ValueError, match=message):
             parse(bad)
 
 
