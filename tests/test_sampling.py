@@ -106,4 +106,5 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_sd_dir, tiny_backbo
         TruncatedSampler(config)(backbone, cond, uncond, noise).mean().backward()
         grads.append(cond.hidden.grad)
     assert checkpointed.unet.is_gradient_checkpointing
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert grads[0].abs().max() > 1e-6  # a gradient to compare (its entries are ~1e-5 here)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-9)  # recomputation: the same up to rounding
