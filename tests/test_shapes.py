@@ -171,7 +171,17 @@ def test_module_refuses_oracle_reward_and_reports_judges(tiny_sd_dir, tiny_clip_
     L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, default_root_dir=str(tmp_path)).fit(module, PromptDataModule(str(prompts)))
     judge = json.loads((tmp_path / "summary.json").read_text())["judges"]["shapes_oracle"]
-    assert judge["images"] == 4 and 0.0 <= judge["before"] <= 1.0 and 0.0 <= judge["after"] <= 1.0
+    # the oracle's all-correct rate over the raw renders and over the renders with the file's tokens
+    from ipgo.export import load_tokens
+    from ipgo.shapes.world import score
+
+    names = prompts.read_text().split("\n")[:2]
+    tokens = load_tokens(tmp_path / "tokens.safetensors")
+    for when, extra in (("before", ()), ("after", tokens.tokens_for(names))):
+        images = module.render(names, module.seeds.eval, *extra)
+        correct = [score(image, name).all_correct for image, name in zip(images, [n for n in names for _ in module.seeds.eval])]
+        assert judge[when] == pytest.approx(sum(correct) / 4), when
+    assert judge["images"] == 4
     assert "Judge `shapes_oracle`" in (tmp_path / "summary.md").read_text()
 
 
