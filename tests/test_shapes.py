@@ -179,7 +179,8 @@ def test_module_refuses_oracle_reward_and_reports_judges(tiny_sd_dir, tiny_clip_
     tokens = load_tokens(tmp_path / "tokens.safetensors")
     for when, extra in (("before", ()), ("after", tokens.tokens_for(names))):
         images = module.render(names, module.seeds.eval, *extra)
-        correct = [score(image, name).all_correct for image, name in zip(images, [n for n in names for _ in module.seeds.eval])]
+        captions = [n for n in names for _ in module.seeds.eval]
+        correct = [score(image, name).all_correct for image, name in zip(images, captions)]
         assert judge[when] == pytest.approx(sum(correct) / 4), when
     assert judge["images"] == 4
     assert "Judge `shapes_oracle`" in (tmp_path / "summary.md").read_text()
