@@ -10,9 +10,10 @@ and string metadata: format and version, method, mode, model family, base model,
 size, sequence layout, too-long policy, token counts, rewards, sampler settings, training
 seeds and ipgo version. The prompts (prompt-wise: the prompts in order; prompt-batch: the
 training prompts) are uint8 tensors `prompts` / `train_prompts` holding a UTF-8 JSON list:
-safetensors caps its metadata at 100 MB, which a prompt set of a million lines can exceed. Such tokens cannot be written
-as textual inversion (that format is for the *input* embedding table); they reach a
-pipeline through `prompt_embeds` / `negative_prompt_embeds`, built by `token_embeds`:
+safetensors caps its metadata at 100 MB, which a prompt set of a million lines can exceed.
+Such tokens cannot be written as textual inversion (that format is for the *input*
+embedding table); they reach a pipeline through `prompt_embeds` /
+`negative_prompt_embeds`, built by `token_embeds`:
 
     pipe = StableDiffusionPipeline.from_pretrained(...)
     ipgo.apply_tokens(pipe, "runs/prompt_batch/tokens.safetensors")   # shared tokens: any prompt
@@ -182,7 +183,7 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
             train_prompts=_prompt_list("train_prompts", tensors, metadata),
             extra={k: v for k, v in metadata.items() if k not in known},
         )
-        int(metadata["n_prefix"]), int(metadata["n_suffix"])
+        int(metadata["n_prefix"]), int(metadata["n_suffix"])  # numbers: _check_shapes reads them
     except ValueError as error:  # json.JSONDecodeError is a ValueError
         raise TokenFileError(f"{str(path)!r} is damaged: its metadata does not parse ({error}). Export the tokens "
                              "again from their run.") from error
