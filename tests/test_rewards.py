@@ -98,6 +98,22 @@ def test_preprocess_matches_image_processor(tiny_clip_dir: Path, backend: str) -
     assert diff.mean() < 0.02 and diff.max() < 0.1  # uint8 rounding inside the processor
 
 
+def test_preprocess_pads_like_open_clip_resize_longest() -> None:
+    """HPSv2 scores with open_clip's resize-longest transform: the whole image, padded with black to a square."""
+    import open_clip
+
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    image = _test_image()  # H 40, W 48: resized to 27 x 32, padded by 2 and 3 rows
+    expected = open_clip.image_transform(32, is_train=False, mean=mean, std=std, resize_mode="longest")(image)[None]
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+    ours = differentiable_preprocess(pixels, 32, mean, std, fit="pad")
+    assert ours.shape == expected.shape == (1, 3, 32, 32)
+    diff = (ours - expected).abs()
+    assert diff.mean() < 0.02 and diff.max() < 0.1  # uint8 rounding inside the transform
+    black = torch.tensor(mean).view(3, 1) / torch.tensor(std).view(3, 1)
+    torch.testing.assert_close(ours[0, :, 0], -black.expand(3, 32))  # a padded row
+
+
 def test_preprocess_square_and_crop_size() -> None:
     images = torch.rand(2, 3, 40, 40, requires_grad=True)
     out = differentiable_preprocess(images, 32, (0.5,) * 3, (0.5,) * 3, crop_size=24)

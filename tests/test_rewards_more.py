@@ -218,7 +218,7 @@ def test_hps_is_the_open_clip_cosine(hps: HPSv2, hps_file: Path, images: torch.T
     state = torch.load(hps_file, weights_only=True)
     torch.testing.assert_close(hps.model.state_dict()["text_projection"], state["text_projection"])
     with torch.no_grad():
-        pixels = differentiable_preprocess(images, 32, hps._mean, hps._std)
+        pixels = differentiable_preprocess(images, 32, hps._mean, hps._std, fit="pad")  # as HPSv2 scores
         image = F.normalize(hps.model.encode_image(pixels), dim=-1)
         text = F.normalize(hps.model.encode_text(hps.tokenizer(PROMPTS)), dim=-1)
         expected = torch.diagonal(image @ text.T)

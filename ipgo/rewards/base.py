@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -149,32 +149,44 @@ def _vector(output: object) -> Tensor:
 
 
 def differentiable_preprocess(
-    images: Tensor, size: int, mean: Sequence[float], std: Sequence[float], crop_size: int | None = None
+    images: Tensor, size: int, mean: Sequence[float], std: Sequence[float], crop_size: int | None = None,
+    fit: Literal["crop", "pad"] = "crop",
 ) -> Tensor:
     """CLIP-style preprocessing with tensor ops only, so gradients reach the pixels.
 
-    Resizes the shortest side to ``size`` (bicubic, antialiased; the long side rounds down as
-    in ``CLIPImageProcessor``), centre-crops to ``crop_size`` (default ``size``) and normalises.
+    ``fit="crop"`` (CLIP's processors): resizes the shortest side to ``size`` (bicubic, antialiased; the long side
+    rounds down as in ``CLIPImageProcessor``) and centre-crops to ``crop_size`` (default ``size``).
+    ``fit="pad"`` (open_clip's ``resize_mode="longest"``, which HPSv2 scores with): resizes the longest side to
+    ``size`` and pads the short one with black to a centred square. Then normalises.
 
     Args:
         images: ``[B, 3, H, W]`` in ``[0, 1]``.
-        size: Target length of the shortest side.
+        size: Target length of the shortest side (crop) or of the longest (pad).
         mean: Per-channel mean.
         std: Per-channel standard deviation.
-        crop_size: Side of the square centre crop; at most ``size``.
+        crop_size: Side of the square centre crop; at most ``size`` (crop only).
+        fit: "crop" or "pad", see above.
 
     Returns:
-        ``[B, 3, crop_size, crop_size]`` normalised images, same dtype as ``images``.
+        ``[B, 3, side, side]`` normalised images (side: ``crop_size`` or ``size``), same dtype as ``images``.
     """
-    crop = size if crop_size is None else crop_size
-    if crop > size:
-        raise ValueError(f"crop_size {crop} is larger than the resized shortest side {size}.")
     h, w = images.shape[-2:]
-    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    if fit == "pad":
+        scale = size / max(h, w)
+        new_h, new_w = round(h * scale), round(w * scale)
+    else:
+        crop = size if crop_size is None else crop_size
+        if crop > size:
+            raise ValueError(f"crop_size {crop} is larger than the resized shortest side {size}.")
+        new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     if (new_h, new_w) != (h, w):
         images = F.interpolate(images, (new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-    top, left = (new_h - crop) // 2, (new_w - crop) // 2
-    images = images[..., top : top + crop, left : left + crop]
+    if fit == "pad":
+        pad_h, pad_w = size - new_h, size - new_w
+        images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
+    else:
+        top, left = (new_h - crop) // 2, (new_w - crop) // 2
+        images = images[..., top : top + crop, left : left + crop]
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     return (images - mean_t) / std_t

@@ -103,7 +103,8 @@ class HPSv2(Reward):
 
     def image_features(self, images: Tensor) -> Tensor:
         """Normalised image embeddings ``[B, D]`` in float32, differentiable in ``images``."""
-        pixels = differentiable_preprocess(images.float(), self._size, self._mean, self._std)
+        # HPSv2 scores with open_clip's resize_longest_max transform: the whole image, padded to a square
+        pixels = differentiable_preprocess(images.float(), self._size, self._mean, self._std, fit="pad")
         dtype = next(self.model.parameters()).dtype
         return F.normalize(self.model.encode_image(pixels.to(dtype)).float(), dim=-1)
 
