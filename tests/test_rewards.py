@@ -148,7 +148,13 @@ def test_corrupted_head_names_the_key(tmp_path: Path, aesthetic_head_file: Path,
         Aesthetic(_save_head(tmp_path / "keys.pth", state), str(tiny_clip_dir)).load()
 
 
-def test_head_width_must_match_clip(tmp_path: Path, tiny_clip_dir: Path) -> None:
+def test_head_width_must_match_clip(tmp_path: Path, tiny_clip_dir: Path, monkeypatch) -> None:
+    from transformers import CLIPModel
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the CLIP weights loaded before the head's width was checked")
+
+    monkeypatch.setattr(CLIPModel, "from_pretrained", no_loading)
     head = _save_head(tmp_path / "narrow.pth", AestheticHead(512).state_dict())
     with pytest.raises(ValueError, match="512-dim.*768-dim"):
         Aesthetic(head, str(tiny_clip_dir)).load()

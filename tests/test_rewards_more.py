@@ -293,7 +293,13 @@ def test_pickscore_gradient_batch_invariance(pick: PickScore, images: torch.Tens
     _check_reward(pick, images)
 
 
-def test_pickscore_missing_processor(tmp_path: Path, tiny_clip_dir: Path) -> None:
+def test_pickscore_missing_processor(tmp_path: Path, tiny_clip_dir: Path, monkeypatch) -> None:
+    from transformers import CLIPModel
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the PickScore weights loaded before the processor files were found")
+
+    monkeypatch.setattr(CLIPModel, "from_pretrained", no_loading)
     with pytest.raises(FileNotFoundError, match="no-processor"):
         PickScore(str(tiny_clip_dir), str(tmp_path / "no-processor"))
     empty = tmp_path / "empty"

@@ -110,13 +110,18 @@ class Aesthetic(ClipReward):
     def _load(self) -> None:
         state = load_head_state(resolve_source(self.head_path))  # cheap, so a broken file fails before CLIP loads
         width = state["layers.0.weight"].shape[1]
-        super()._load()
-        if width != self.projection_dim:
+        from transformers import CLIPConfig
+
+        try:  # the CLIP model's config (small), so a mismatch fails before its weights load
+            projection = CLIPConfig.from_pretrained(resolve_source(self.clip_model)).projection_dim
+        except OSError:
+            projection = None  # loading the model below names what is missing
+        if projection is not None and width != projection:
             raise WeightsFormatError(
                 f"Aesthetic head {self.head_path!r} takes {width}-dim embeddings but the CLIP model "
-                f"{self.clip_model!r} gives {self.projection_dim}-dim ones; the LAION head needs "
-                "ViT-L/14 (768)."
+                f"{self.clip_model!r} gives {projection}-dim ones; the LAION head needs ViT-L/14 (768)."
             )
+        super()._load()
         head = AestheticHead(width)
         head.load_state_dict(state)
         self.head = head

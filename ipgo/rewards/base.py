@@ -242,19 +242,30 @@ def load_clip(model: str) -> tuple[CLIPModel, CLIPImageProcessor, CLIPTokenizer]
     Raises:
         OSError: If the files are not found, with the ways to provide them.
     """
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    from transformers import CLIPModel
 
     model = resolve_source(model)
+    processor, tokenizer = load_clip_processing(model)  # the small files first: a gap fails before the weights
     try:
         clip = CLIPModel.from_pretrained(model)
-        processor = CLIPImageProcessor.from_pretrained(model)
-        tokenizer = CLIPTokenizer.from_pretrained(model)
     except OSError as err:
         raise ModelNotFoundError(_missing_model_message(model, err)) from err
+    return clip.eval(), processor, tokenizer
+
+
+def load_clip_processing(source: str) -> tuple[CLIPImageProcessor, CLIPTokenizer]:
+    """The image processor and tokenizer of a CLIP model folder or hub id (no weights)."""
+    from transformers import CLIPImageProcessor, CLIPTokenizer
+
+    try:
+        processor = CLIPImageProcessor.from_pretrained(source)
+        tokenizer = CLIPTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise ModelNotFoundError(_missing_model_message(source, err)) from err
     # transformers 5 silently builds a 2-token tokenizer when no tokenizer files are found.
     if len(tokenizer) <= 3:
-        raise ModelNotFoundError(_missing_model_message(model, "no tokenizer files (tokenizer.json / vocab.json)"))
-    return clip.eval(), processor, tokenizer
+        raise ModelNotFoundError(_missing_model_message(source, "no tokenizer files (tokenizer.json / vocab.json)"))
+    return processor, tokenizer
 
 
 def _missing_model_message(model: str, cause: object) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ipgo.backbones.base import ModelNotFoundError
-from ipgo.rewards.base import _CLIP_HINT, _missing_model_message, _size_value, check_source
+from ipgo.rewards.base import _CLIP_HINT, _missing_model_message, _size_value, check_source, load_clip_processing
 from ipgo.rewards.clip_score import ClipScore
 from ipgo.testing import resolve_source
 
@@ -33,20 +33,14 @@ class PickScore(ClipScore):
         self.processor = check_source(processor, "CLIP processor", hint=_CLIP_HINT)
 
     def _load(self) -> None:
-        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+        from transformers import CLIPModel
 
         model, source = resolve_source(self.clip_model), resolve_source(self.processor)
+        processor, tokenizer = load_clip_processing(source)  # the small files first: a gap fails before 3.9 GB load
         try:
             clip = CLIPModel.from_pretrained(model)
         except OSError as err:
             raise ModelNotFoundError(_missing_model_message(model, err)) from err
-        try:
-            processor = CLIPImageProcessor.from_pretrained(source)
-            tokenizer = CLIPTokenizer.from_pretrained(source)
-        except OSError as err:
-            raise ModelNotFoundError(_missing_model_message(source, err)) from err
-        if len(tokenizer) <= 3:  # transformers 5 builds a 2-token tokenizer when the files are missing
-            raise ModelNotFoundError(_missing_model_message(source, "no tokenizer files (tokenizer.json / vocab.json)"))
         self.clip, self.tokenizer = clip.eval(), tokenizer
         size, crop = _size_value(processor.size, "shortest_edge"), _size_value(processor.crop_size, "height")
         self._crop = crop or size or 224
