@@ -114,16 +114,17 @@ def test_training_smoke_run_gives_loadable_models(tmp_path):
 def test_a_rebuild_keeps_only_a_model_trained_the_same_way(tmp_path):
     """build() keeps a finished text-to-image model only if every setting it records matches, the steps of the
     text tower it started from included."""
-    from ipgo.shapes.train import SCHEDULER, UNET, finished_model
+    from ipgo.shapes.train import finished_model, model_settings
 
-    settings = {"unet_steps": 1200, "seed": 0, "unet": UNET, "scheduler": SCHEDULER,
-                "held_out": caption_split()[1], "text_steps": 300}
+    settings = {**model_settings(1200, 0, 300), "torch_threads": 2}  # the shipped build ran on 2 threads
     assert finished_model(tmp_path, settings) is None
     shipped = json.loads((Path(ipgo.shapes.__file__).parent / "weights/sd/training.json").read_text())
     (tmp_path / "training.json").write_text(json.dumps(shipped))
     assert finished_model(tmp_path, settings) == shipped  # the shipped model records the build's settings
     assert finished_model(tmp_path, {**settings, "text_steps": 100}) is None
     assert finished_model(tmp_path, {**settings, "seed": 1}) is None
+    assert finished_model(tmp_path, {**settings, "decoder_steps": 600}) is None  # another recipe
+    assert finished_model(tmp_path, {**settings, "torch_threads": 16}) is None  # other float sums, other weights
 
 
 def test_oracle_judges_but_cannot_be_optimised():

@@ -174,12 +174,24 @@ def train(out: str, steps: int = 1200, decoder_steps: int = 300, batch_size: int
     pipe.save_pretrained(path)
     record = {"seed": seed, "unet_steps": steps, "unet": unet or UNET, "scheduler": SCHEDULER, "held_out": held_out,
               "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
-              "snr_gamma": snr_gamma, "decoder_steps": decoder_steps, "decoder_mse": decoder_error,
+              "snr_gamma": snr_gamma, "decoder_steps": decoder_steps, "torch_threads": torch.get_num_threads(),
+              "decoder_mse": decoder_error,
               "final_loss": sum(losses[-50:]) / 50,
               "seconds": round(time.time() - started)}
     (path / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record))
     return path
+
+
+def model_settings(steps: int, seed: int, text_steps: int) -> dict[str, Any]:
+    """Everything `build` trains its text-to-image model with: the recipe (`train`'s defaults), the split, the
+    text tower's steps, and the thread count (float sums, so the weights, depend on it)."""
+    import inspect
+
+    recipe = {key: parameter.default for key, parameter in inspect.signature(train).parameters.items()
+              if key in ("decoder_steps", "batch_size", "lr", "ema_decay", "snr_gamma")}
+    return {"unet_steps": steps, "seed": seed, "unet": UNET, "scheduler": SCHEDULER, "held_out": caption_split()[1],
+            "text_steps": text_steps, "torch_threads": torch.get_num_threads(), **recipe}
 
 
 def finished_model(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -197,8 +209,8 @@ def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 
     Stages: (1) a CLIP on rendered scenes (`text_steps`), whose text tower starts the text encoder;
     (2) the text-to-image model (`steps`); (3) the CLIP reward (`clip_steps`), on from (1), with the
     model's samples of training captions in the mix. Leaves sd/ and clip/ (the shipped models),
-    build.json (command, seconds per stage) and metrics.json in `out`. A finished sd/ stage of the
-    same steps, seed, UNet, schedule, held-out split and text-tower steps is kept.
+    build.json (command, seconds per stage) and metrics.json in `out`. A finished sd/ stage trained with
+    every setting of `model_settings` the same is kept.
     """
     import shutil
 
@@ -208,14 +220,12 @@ def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 
     from ipgo.shapes.measure import sample
 
     root = Path(out)
-    train_captions, held_out = caption_split()
+    train_captions, _ = caption_split()
     seconds: dict[str, float] = {}
     started = time.time()
     text_clip = train_clip(root / "clip-text", steps=text_steps, seed=seed)
     seconds["clip_text"] = time.time() - started
-    settings = {"unet_steps": steps, "seed": seed, "unet": UNET, "scheduler": SCHEDULER, "held_out": held_out,
-                "text_steps": text_steps}
-    record = finished_model(root / "sd", settings)
+    record = finished_model(root / "sd", model_settings(steps, seed, text_steps))
     if record is None:
         train(str(root / "sd"), steps=steps, seed=seed, text_encoder_from=text_clip)
         seconds["sd"] = time.time() - started - sum(seconds.values())
