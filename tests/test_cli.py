@@ -28,8 +28,11 @@ def test_every_shipped_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", config, "--print_config"])
     assert exit_info.value.code == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["backbone"]["class_path"].startswith("ipgo.backbones.StableDiffusion")
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]
+    written = yaml.safe_load((ROOT / config).read_text())["model"]
+    assert printed["backbone"]["class_path"] == written["backbone"]["class_path"]  # each config's own family
+    assert printed["backbone"]["init_args"]["model"] == written["backbone"]["init_args"]["model"]
+    assert printed["mode"] == written["mode"]
 
 
 def test_any_key_can_be_overridden(capsys):
