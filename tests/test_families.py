@@ -73,10 +73,12 @@ def test_ipgo_plus_tokens_depend_on_the_prompt_without_parameters(ipgo_cache, ti
     from ipgo.inject import conditioning
 
     prefix, suffix = plus.token_vectors([0, 0])
-    *_, placed_plain, _ = conditioning(plain.backbone, PROMPTS, prefix, suffix)
-    *_, placed_plus, _ = conditioning(plus.backbone, PROMPTS, prefix, suffix, prompt_attention=True)
-    assert torch.equal(placed_plain[0], placed_plain[1])  # shared tokens are the same for every prompt
+    _, _, embeds, placed_plus, _ = conditioning(plus.backbone, PROMPTS, prefix, suffix, prompt_attention=True)
     assert not torch.allclose(placed_plus[0], placed_plus[1])  # IPGO+ tokens are prompt-conditioned
+    for row in range(len(PROMPTS)):  # P + softmax(P h[:L]^T / sqrt(D)) h[:L], over the prompt's real states
+        states = embeds.hidden[row, : int(embeds.lengths[row])]
+        weights = (prefix[row] @ states.T / states.shape[-1] ** 0.5).softmax(dim=-1)
+        torch.testing.assert_close(placed_plus[row], prefix[row] + weights @ states)
 
     # the token file records IPGO+, and applying it reproduces the module's render
     path = save_tokens(tmp_path / "plus.safetensors", plus.token_file())
