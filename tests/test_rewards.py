@@ -112,6 +112,8 @@ def test_preprocess_pads_like_open_clip_resize_longest() -> None:
     assert diff.mean() < 0.02 and diff.max() < 0.1  # uint8 rounding inside the transform
     black = torch.tensor(mean).view(3, 1) / torch.tensor(std).view(3, 1)
     torch.testing.assert_close(ours[0, :, 0], -black.expand(3, 32))  # a padded row
+    with pytest.raises(ValueError, match="crop_size applies to fit='crop' only"):
+        differentiable_preprocess(pixels, 32, mean, std, crop_size=24, fit="pad")
 
 
 def test_preprocess_square_and_crop_size() -> None:

@@ -171,6 +171,8 @@ def differentiable_preprocess(
         ``[B, 3, side, side]`` normalised images (side: ``crop_size`` or ``size``), same dtype as ``images``.
     """
     h, w = images.shape[-2:]
+    if fit == "pad" and crop_size is not None:
+        raise ValueError("crop_size applies to fit='crop' only: a padded image is `size` square")
     if fit == "pad":
         scale = size / max(h, w)
         new_h, new_w = round(h * scale), round(w * scale)
