@@ -254,6 +254,9 @@ def token_embeds(
     negatives = None
     if negative_prompt is not None:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise UserError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts: give one per "
+                            "prompt, or a single string for all")
     prefix, suffix = tokens.tokens_for(prompts)
     cond, uncond, *_ = conditioning(backbone, prompts, prefix, suffix, tokens.layout, tokens.too_long, negatives,
                                     prompt_attention=tokens.prompt_attention)
@@ -269,7 +272,8 @@ def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
     """Make `pipe(prompt, ...)` use the learned tokens; `remove_tokens(pipe)` undoes it. Returns `pipe`.
 
     Wraps the pipeline's `encode_prompt`: when it is asked to encode prompts, it is handed the
-    embeddings from `token_embeds` instead (and still repeats them per image as usual).
+    embeddings from `token_embeds` instead, and they are repeated for `num_images_per_prompt` here (SD 3's
+    `encode_prompt` repeats only the embeddings it computes itself).
     """
     tokens = tokens if isinstance(tokens, TokenFile) else load_tokens(tokens)
     backbone = backbone_for_pipeline(pipe)
@@ -290,6 +294,10 @@ def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
                 if name in signature.parameters:
                     arguments[name] = None
             arguments.update(embeds)
+            copies = arguments.get("num_images_per_prompt") or 1
+            arguments["num_images_per_prompt"] = 1
+            encoded = original(*call.args, **call.kwargs)
+            return tuple(x.repeat_interleave(copies, dim=0) if isinstance(x, Tensor) else x for x in encoded)
         return original(*call.args, **call.kwargs)
 
     pipe.encode_prompt = encode_prompt

@@ -230,3 +230,37 @@ def test_applied_tokens_refuse_a_second_prompt_they_would_ignore(ipgo_cache, mon
     with pytest.raises(UserError, match="negative_prompt_2 differs from negative_prompt"):
         pipe("a cat", negative_prompt="blurry", negative_prompt_2="dark", **call)
     assert pipe("a cat", prompt_2="a cat", **call).images.shape == (1, 3, 32, 32)  # the same prompt: nothing lost
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])
+def test_applied_tokens_render_several_images_per_prompt(family, ipgo_cache, monkeypatch):
+    """num_images_per_prompt=2 gives each prompt's images as two copies of the prompt would (SD 3's encode_prompt
+    does not repeat embeddings it is handed, so the wrapper repeats them), and negatives must match the prompts."""
+    import diffusers
+
+    from ipgo.backbones import backbone_for_pipeline
+    from ipgo.testing import resolve_source
+
+    monkeypatch.setenv("IPGO_CACHE", str(ipgo_cache))
+    pipeline_class = {"sd1": StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline,
+                      "sd3": diffusers.StableDiffusion3Pipeline}[family]
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}
+    pipe = pipeline_class.from_pretrained(resolve_source(f"tiny:{family}"), **extra)
+    pipe.set_progress_bar_config(disable=True)
+    backbone = backbone_for_pipeline(pipe)
+    torch.manual_seed(0)
+    tokens = TokenFile(torch.randn(2, backbone.hidden_size), torch.randn(1, backbone.hidden_size),
+                       family=backbone.family, base_model=f"tiny:{family}", hidden_size=backbone.hidden_size)
+    ipgo.apply_tokens(pipe, tokens)
+    call = dict(num_inference_steps=2, height=32, width=32, output_type="pt", guidance_scale=4.0)
+
+    def seeds(*values):
+        return [torch.Generator().manual_seed(v) for v in values]
+
+    repeated = pipe(["a cat", "a dog"], num_images_per_prompt=2, generator=seeds(1, 2, 3, 4), **call).images
+    copies = pipe(["a cat", "a cat", "a dog", "a dog"], generator=seeds(1, 2, 3, 4), **call).images
+    assert repeated.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(repeated, copies)
+    assert not torch.allclose(repeated[0], repeated[2])  # the prompts differ: a real comparison
+    with pytest.raises(UserError, match="negative_prompt has 1 entries for 2 prompts"):
+        pipe(["a cat", "a dog"], negative_prompt=["blurry"], **call)
