@@ -53,12 +53,16 @@ class IPGOCLI(LightningCLI):
         callbacks = list(config.get("callbacks") or [])
         if config.get("logger") is not False:  # the learning-rate monitor needs a logger
             callbacks.append(LearningRateMonitor(logging_interval="step"))
-        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        wants_checkpoints = config.get("enable_checkpointing") is not False
+        if wants_checkpoints and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             # an explicit folder, so that `--ckpt_path last` finds it before the trainer is set up
             # and `last.ckpt` rewritten after every epoch (with save_last and no top-k file, Lightning would write
-            # it only when training ends, so an interrupted run could not resume)
+            # it only when training ends, so an interrupted run could not resume); at the end of the training
+            # epoch, since Lightning would otherwise save only after validation, which prompt-wise runs and
+            # check_val_every_n_epoch > 1 skip
             callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
-                                             every_n_epochs=1, enable_version_counter=False))
+                                             every_n_epochs=1, enable_version_counter=False,
+                                             save_on_train_epoch_end=True))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
@@ -95,10 +99,9 @@ def main(args: list[str] | None = None) -> IPGOCLI:
     last = run_dir / "checkpoints" / "last.ckpt"
     if cli.trainer.max_epochs == 0:
         raise ConfigError("trainer.max_epochs is 0, so nothing would be optimised: give it at least 1")
-    if ckpt_path is None:
-        refuse_used_folder(run_dir)
-    if ckpt_path == "last" and not last.exists():
-        raise UserError(f"--ckpt_path last: there is no {last} to resume; leave --ckpt_path out to start the run")
+    checkpoint = checkpoint_file(ckpt_path, last)
+    if checkpoint is None or checkpoint.resolve().parent != last.parent.resolve():
+        refuse_used_folder(run_dir)  # a fresh run, or one started from another run's checkpoint
     if cli.trainer.world_size > 1 and uses_running_statistics(cli.model.reward):
         raise ConfigError("normalize: running keeps its statistics per process, so the processes would scale the "
                           "reward differently: use normalize: fixed (offset, scale) or none with several devices")
@@ -106,6 +109,9 @@ def main(args: list[str] | None = None) -> IPGOCLI:
         # several processes: each optimises its own prompts with a local optimiser (see IPGOModule.predict_step)
         if ckpt_path is not None:
             raise UserError("multi-process prompt-wise runs cannot resume from a checkpoint; run them again")
+        if cli.model.lr_interval != "epoch":
+            raise ConfigError("multi-process prompt-wise runs step the learning-rate schedule once per step of each "
+                              "prompt: set model.lr_interval epoch")
         epochs = cli.trainer.max_epochs  # Lightning sets its default only for fit, not for this path
         if epochs is None or epochs < 1 or cli.trainer.max_steps != -1:
             raise ConfigError(f"multi-process prompt-wise runs take trainer.max_epochs steps per prompt (got "
@@ -113,9 +119,10 @@ def main(args: list[str] | None = None) -> IPGOCLI:
                               "and leave trainer.max_steps unset")
         cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
     else:
-        if ckpt_path is not None:
-            check_checkpoint(cli, last if ckpt_path == "last" else Path(ckpt_path))
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        if checkpoint is not None:
+            check_checkpoint(cli, checkpoint)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule,
+                        ckpt_path=str(checkpoint) if checkpoint is not None else ckpt_path)
         if cli.trainer.is_global_zero and not (run_dir / "summary.json").exists():
             # resumed after its last epoch (the outputs failed before, e.g. out of memory): Lightning skips the
             # training loop and its end hook, so the outputs are written here
@@ -126,11 +133,25 @@ def main(args: list[str] | None = None) -> IPGOCLI:
     return cli
 
 
+def checkpoint_file(ckpt_path: str | None, last: Path) -> Path | None:
+    """The local checkpoint `--ckpt_path` names (`last`: the run folder's), refused before anything loads when it is
+    missing; None without one, or for what Lightning resolves itself (a URL, "best", "hpc", "registry")."""
+    if ckpt_path is None or "://" in ckpt_path or ckpt_path in ("best", "hpc", "registry"):
+        return None
+    if ckpt_path == "last":
+        if not last.is_file():
+            raise UserError(f"--ckpt_path last: there is no {last} to resume; leave --ckpt_path out to start the run")
+        return last
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file. Give the path of a .ckpt file, or "
+                        f"'last' to resume {last}")
+    return path
+
+
 def check_checkpoint(cli: IPGOCLI, path: Path) -> None:
     """Refuse another run's checkpoint before any weights load. Memory-mapped: a prompt-wise checkpoint of many
     prompts can hold gigabytes of optimiser state, of which only the run's description is read."""
-    if not path.is_file():
-        return  # Lightning's own message names the missing file
     saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     run = saved.get("ipgo_run", {})
     del saved

@@ -342,7 +342,7 @@ class IPGOModule(L.LightningModule):
         images, penalty = self._sample(prompts, prefix, suffix, seeds, self.layout, self.too_long,
                                        self.prompt_attention)
         rewards = self.reward(images, [p for p in prompts for _ in range(n_seeds)]).view(len(prompts), n_seeds)
-        self._check_finite(rewards, prompts)
+        self._check_finite(rewards, prompts, step)
         reward = rewards.mean(dim=1)  # (B,)
         losses = -reward + self.conformity_weight * penalty
         loss = losses.sum() if self.prompt_wise else losses.mean()
@@ -436,7 +436,7 @@ class IPGOModule(L.LightningModule):
             return self.reward.combine(components)
         return components[..., 0]
 
-    def _check_finite(self, rewards: Tensor, prompts: Sequence[str]) -> None:
+    def _check_finite(self, rewards: Tensor, prompts: Sequence[str], step: int) -> None:
         bad = ~torch.isfinite(rewards).all(dim=1)
         if bad.any():
             prompt = prompts[int(bad.nonzero()[0])]
@@ -445,7 +445,7 @@ class IPGOModule(L.LightningModule):
                     "The tokens may have diverged: try a lower learning rate or grad_clip; or the reward model "
                     "fails on these images.")
             raise NonFiniteRewardError(
-                f"reward {self.reward.name!r} is NaN or infinite for prompt {prompt!r} at step {self.global_step}. "
+                f"reward {self.reward.name!r} is NaN or infinite for prompt {prompt!r} in epoch {step}. "
                 + hint
             )
 
@@ -578,6 +578,10 @@ class IPGOModule(L.LightningModule):
         """Refuse a checkpoint saved by a run (`saved`: its "ipgo_run") other than this one on `prompts`; needs no
         weights, so the command line checks before loading."""
         current = self._run_identity(prompts)
+        if saved.get("family", current["family"]) != current["family"]:
+            raise UserError(f"the checkpoint was saved by a run on a {saved['family']!r} model ({saved['model']!r}), "
+                            f"this run is on a {current['family']!r} model ({current['model']!r}): resume with the "
+                            "run's own config (its config.yaml) or start a new run folder")
         if saved and "t5_states" in current and "t5_states" not in saved:
             raise UserError("the checkpoint was saved by an earlier ipgo, whose SD 3 conditioning dropped the last "
                             "T5 states for the learned tokens; this ipgo keeps them, so its tokens were trained on "
@@ -595,7 +599,9 @@ class IPGOModule(L.LightningModule):
         shape = {key: getattr(self.token_config, key) for key in ("n_prefix", "n_suffix", "rank", "rotation_angles",
                                                                    "bias")}
         rewards = list(self.reward.names) if isinstance(self.reward, CombinedReward) else [self.reward.name]
-        return {"mode": self.mode, "prompts": list(self.prompts if prompts is None else prompts), "tokens": shape,
+        return {"family": self.backbone.family, "model": portable_model_name(self.backbone.model),
+                "revision": self.backbone.revision,
+                "mode": self.mode, "prompts": list(self.prompts if prompts is None else prompts), "tokens": shape,
                 "layout": self.layout, "prompt_attention": self.prompt_attention, "rewards": rewards,
                 **({"t5_states": "kept"} if self.backbone.family == "sd3" else {})}  # see inject.conditioning
 

@@ -17,6 +17,15 @@ def test_model_source_errors(tmp_path):
         offline.load_tokenizer()  # ... and fails clearly at the first (cheap) load, offline
 
 
+def test_a_model_folder_under_the_home_directory_loads(tiny_sd_dir, tmp_path, monkeypatch):
+    """"~/..." passes the early check and is loaded from the same folder (from_pretrained does not expand it)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "sd").symlink_to(tiny_sd_dir)
+    backbone = StableDiffusion("~/models/sd")
+    assert backbone.token_lengths(["a cat"]) == [4]
+
+
 def test_encode_caches_and_applies_the_too_long_policy(tiny_backbone):
     calls = []
     handle = tiny_backbone.text_encoder.register_forward_hook(lambda *args: calls.append(1))

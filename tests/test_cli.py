@@ -61,9 +61,12 @@ def count_training_epochs(monkeypatch) -> list[int]:
 def test_resume_continues_where_the_run_stopped(tmp_path, monkeypatch, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     main([*QUICK, "--trainer.max_epochs", "4", "--trainer.default_root_dir", str(straight)])
-    main([*QUICK, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(resumed)])
+    # check_val_every_n_epoch > 1: Lightning would save only after validation, which a prompt-wise run never has
+    every = ["--trainer.check_val_every_n_epoch", "3"]
+    main([*QUICK, *every, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(resumed)])
     epochs = count_training_epochs(monkeypatch)
-    main([*QUICK, "--trainer.max_epochs", "4", "--trainer.default_root_dir", str(resumed), "--ckpt_path", "last"])
+    main([*QUICK, *every, "--trainer.max_epochs", "4", "--trainer.default_root_dir", str(resumed), "--ckpt_path",
+          "last"])
     assert epochs == [2, 3]  # it went on from the checkpoint: a run from scratch would reproduce the tokens too
     monkeypatch.undo()
     a, b = load_file(straight / "tokens.safetensors"), load_file(resumed / "tokens.safetensors")
@@ -91,6 +94,25 @@ def test_resume_continues_where_the_run_stopped(tmp_path, monkeypatch, capsys):
         run([*QUICK, "--data.limit", "1", "--trainer.default_root_dir", str(resumed), "--ckpt_path", "last"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "saved by another run: 2 prompts there, 1 here" in err, err[-600:]
+    other_family = ["--model.backbone", "ipgo.backbones.StableDiffusionXL", "--model.backbone.model", "tiny:sdxl"]
+    for args, message in [
+        (other_family, "saved by a run on a 'sd' model ('tiny:sd1'), this run is on a 'sdxl' model"),
+        (["--ckpt_path", str(resumed / "checkpoints/lats.ckpt")], "lats.ckpt: no such checkpoint file"),
+        # another run's checkpoint started in a folder that holds a finished run: it is not overwritten
+        (["--ckpt_path", str(resumed / "checkpoints/last.ckpt"), "--trainer.default_root_dir", str(straight)],
+         "already holds a finished run"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            run([*QUICK, "--trainer.default_root_dir", str(resumed), "--ckpt_path", "last", *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err, (args, err[-600:])
+
+
+def test_a_run_without_checkpointing_writes_its_outputs(tmp_path):
+    """--trainer.enable_checkpointing false, a standard Trainer key, is honoured (no checkpoint callback added)."""
+    main([*QUICK, "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false",
+          "--trainer.default_root_dir", str(tmp_path)])
+    assert (tmp_path / "summary.json").is_file() and not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -214,6 +236,8 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
         (["--trainer.max_epochs", "0"], "max_epochs is 0"),
         (["--trainer.max_epochs", "-1", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
          "set trainer.max_epochs >= 1 and leave trainer.max_steps unset"),
+        (["--model.lr_interval", "step", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+         "set model.lr_interval epoch"),
     ]
     for args, message in cases:
         err = bad_input([*args, "--trainer.default_root_dir", out], capsys)

@@ -197,7 +197,8 @@ def test_nan_reward_is_a_clear_error(tiny_sd_dir, tiny_clip_dir, tmp_path):
     module.prepare(PROMPTS)
     module.reward._score = lambda images, prompts: torch.full((images.shape[0],), float("nan"))
     module.log = lambda *args, **kwargs: None
-    with pytest.raises(NonFiniteRewardError, match="NaN or infinite for prompt 'a red circle on the left' .* diverged"):
+    with pytest.raises(NonFiniteRewardError,
+                       match="NaN or infinite for prompt 'a red circle on the left' in epoch 0. .* diverged"):
         module.training_step({"prompt": PROMPTS, "index": torch.arange(3)}, 0)
 
 

@@ -233,10 +233,11 @@ class Backbone(nn.Module, ABC):
     # -- loading ----------------------------------------------------------------------------
     @property
     def source(self) -> str:
-        """Where weights are read from: the model, or the folder of a "tiny:..." model."""
+        """Where weights are read from: the model (a local folder with "~" expanded), or the folder of a "tiny:..."
+        model."""
         from ipgo.testing import resolve_source
 
-        return resolve_source(self.model)
+        return resolve_source(os.path.expanduser(self.model))
 
     def _from_pretrained(self, cls: Any, subfolder: str, what: str, **kwargs: Any) -> Any:
         try:
