@@ -264,3 +264,16 @@ def test_applied_tokens_render_several_images_per_prompt(family, ipgo_cache, mon
     assert not torch.allclose(repeated[0], repeated[2])  # the prompts differ: a real comparison
     with pytest.raises(UserError, match="negative_prompt has 1 entries for 2 prompts"):
         pipe(["a cat", "a dog"], negative_prompt=["blurry"], **call)
+
+
+def test_applied_tokens_spell_out_multi_vector_textual_inversion_as_the_pipeline(tiny_sd_dir):
+    """A textual-inversion token of two vectors loaded into the pipeline: with empty learned tokens, ipgo's prompt
+    states are the pipeline's own (it spells "<cat-toy>" as "<cat-toy> <cat-toy>_1" before tokenising)."""
+    pipe = pipeline(tiny_sd_dir, "lms")
+    width = pipe.text_encoder.config.hidden_size
+    pipe.load_textual_inversion({"<cat-toy>": torch.randn(2, width, generator=torch.Generator().manual_seed(0))})
+    tokens = TokenFile(torch.zeros(0, width), torch.zeros(0, width), family="sd", base_model="tiny", hidden_size=width)
+    prompt = "a photo of <cat-toy> on a table"
+    ours = ipgo.token_embeds(pipe, tokens, prompt)["prompt_embeds"]
+    theirs, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    torch.testing.assert_close(ours, theirs)

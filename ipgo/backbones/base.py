@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -147,12 +147,14 @@ def check_prompt_lengths(
 @torch.no_grad()
 def encode_clip(
     tokenizer: Any, text_encoder: nn.Module, prompts: Sequence[str], budget: int, max_length: int,
-    device: torch.device, penultimate: bool = False,
+    device: torch.device, penultimate: bool = False, convert: Callable[[list[str], Any], list[str]] | None = None,
 ) -> tuple[Tensor, list[int], Tensor | None]:
     """CLIP text states (B, S, D) on `device` of prompts cut to `budget` tokens and padded to `max_length`, as
     diffusers pipelines encode them (no attention mask); the real lengths; the projected pooled
-    embedding when the encoder has a projection (else None)."""
-    ids = tokenizer(list(prompts), truncation=True, max_length=budget).input_ids
+    embedding when the encoder has a projection (else None). `convert`: a pipeline's `maybe_convert_prompt`,
+    which spells out its multi-vector textual-inversion tokens for this tokenizer first, as the pipeline does."""
+    texts = convert(list(prompts), tokenizer) if convert is not None else list(prompts)
+    ids = tokenizer(texts, truncation=True, max_length=budget).input_ids
     pad = tokenizer.pad_token_id
     padded = torch.tensor([row + [pad] * (max_length - len(row)) for row in ids], device=device)
     out = text_encoder(padded, output_hidden_states=penultimate)
@@ -210,6 +212,7 @@ class Backbone(nn.Module, ABC):
         self._pipeline_config: dict[str, Any] = {}
         self._cache: dict[tuple[str, int, int], tuple[Tensor, int, int, Tensor | None]] = {}
         self._execution_device: torch.device | None = None
+        self._convert_prompt: Callable[[list[str], Any], list[str]] | None = None
 
     @classmethod
     def from_pipeline(cls, pipe: Any) -> Backbone:
@@ -228,6 +231,8 @@ class Backbone(nn.Module, ABC):
         backbone._cache = {}
         # where the pipeline runs its models: with CPU offload the weights' own device is "meta" or the CPU
         backbone._execution_device = getattr(pipe, "_execution_device", None)
+        # textual-inversion embeddings loaded into the pipeline: their prompt spelling, as the pipeline encodes it
+        backbone._convert_prompt = getattr(pipe, "maybe_convert_prompt", None)
         return backbone
 
     # -- loading ----------------------------------------------------------------------------

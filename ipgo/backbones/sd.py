@@ -50,7 +50,7 @@ class StableDiffusion(Backbone):
 
     def _encode_batch(self, prompts: list[str], budget: int) -> tuple[Tensor, list[int], Tensor | None]:
         hidden, lengths, _ = encode_clip(self.tokenizer, self._loaded(self.text_encoder), prompts, budget,
-                                         self.max_length, self._device())
+                                         self.max_length, self._device(), convert=self._convert_prompt)
         return hidden, lengths, None
 
     def negative(self, batch: int, total: int, prompts: Sequence[str] | None = None) -> Conditioning:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ipgo.backbones.base import Backbone, Conditioning, DType, encode_clip
 from ipgo.backbones.sd import decode_vae
+from ipgo.errors import UserError
 
 
 class StableDiffusionXL(Backbone):
@@ -67,10 +68,12 @@ class StableDiffusionXL(Backbone):
     def _encode_batch(self, prompts: list[str], budget: int) -> tuple[Tensor, list[int], Tensor | None]:
         device = self._device()
         first, lengths, _ = encode_clip(self.tokenizer, self._loaded(self.text_encoder), prompts, budget,
-                                        self.max_length, device, penultimate=True)
+                                        self.max_length, device, penultimate=True, convert=self._convert_prompt)
         second, lengths_2, pooled = encode_clip(self.tokenizer_2, self.text_encoder_2, prompts, budget,
-                                                self.max_length, device, penultimate=True)
-        assert lengths == lengths_2, "the two SDXL tokenizers split a prompt differently"
+                                                self.max_length, device, penultimate=True, convert=self._convert_prompt)
+        if lengths != lengths_2:
+            raise UserError("SDXL's two tokenizers split a prompt differently (a textual-inversion token loaded into "
+                            "only one of them?): ipgo's tokens need both encoders to see the same prompt positions")
         return torch.cat([first, second], dim=-1), lengths, pooled
 
     def negative(self, batch: int, total: int, prompts: Sequence[str] | None = None) -> Conditioning:
