@@ -17,16 +17,30 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ipgo.data import PromptDataModule
 from ipgo.errors import ConfigError, UserError, reported
-from ipgo.files import listing
+from ipgo.files import atomic_path, listing
 from ipgo.module import IPGOModule
 from ipgo.rewards.combine import uses_running_statistics
 
 
 class RunFolderExistsError(UserError, FileExistsError):
     """A fresh run pointed at a folder that already holds a run."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written next to themselves, then renamed over the old one. Lightning writes a local checkpoint to a
+    file in the system's temporary folder and moves it into place: where that folder is another filesystem (a
+    tmpfs /tmp), the move is a copy over the old checkpoint, and a crash during it leaves neither."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        with atomic_path(path) as partial:
+            torch.save(checkpoint, partial)
 
 
 class IPGOCLI(LightningCLI):
@@ -64,6 +78,8 @@ class IPGOCLI(LightningCLI):
                                              every_n_epochs=1, enable_version_counter=False,
                                              save_on_train_epoch_end=True))
         kwargs["callbacks"] = callbacks
+        if not config.get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
 

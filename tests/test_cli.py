@@ -108,6 +108,23 @@ def test_resume_continues_where_the_run_stopped(tmp_path, monkeypatch, capsys):
         assert exit_info.value.code == 2 and message in err, (args, err[-600:])
 
 
+def test_a_checkpoint_survives_a_write_cut_short_across_filesystems(tmp_path, monkeypatch):
+    """Lightning moves a checkpoint from the system's temporary folder into place, which across filesystems is a copy
+    over the old file; ipgo writes it next to itself and renames it, so a copy cut short cannot eat it."""
+    import shutil
+
+    main([*QUICK, "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path)])
+
+    def copy_cut_short(source, target, *args, **kwargs):
+        Path(target).write_bytes(b"half a checkpoint")
+        raise OSError("power cut during the copy")
+
+    monkeypatch.setattr(shutil, "move", copy_cut_short)
+    main([*QUICK, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"])
+    assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)["epoch"] == 1
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+
+
 def test_a_run_without_checkpointing_writes_its_outputs(tmp_path):
     """--trainer.enable_checkpointing false, a standard Trainer key, is honoured (no checkpoint callback added)."""
     main([*QUICK, "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false",
