@@ -294,10 +294,11 @@ def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
                 if name in signature.parameters:
                     arguments[name] = None
             arguments.update(embeds)
-            copies = arguments.get("num_images_per_prompt") or 1
-            arguments["num_images_per_prompt"] = 1
-            encoded = original(*call.args, **call.kwargs)
-            return tuple(x.repeat_interleave(copies, dim=0) if isinstance(x, Tensor) else x for x in encoded)
+            if "num_images_per_prompt" in signature.parameters:
+                copies = arguments.get("num_images_per_prompt") or 1
+                arguments["num_images_per_prompt"] = 1
+                encoded = original(*call.args, **call.kwargs)
+                return tuple(x.repeat_interleave(copies, dim=0) if isinstance(x, Tensor) else x for x in encoded)
         return original(*call.args, **call.kwargs)
 
     pipe.encode_prompt = encode_prompt
