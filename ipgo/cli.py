@@ -125,9 +125,6 @@ def main(args: list[str] | None = None) -> IPGOCLI:
         # several processes: each optimises its own prompts with a local optimiser (see IPGOModule.predict_step)
         if ckpt_path is not None:
             raise UserError("multi-process prompt-wise runs cannot resume from a checkpoint; run them again")
-        if cli.model.lr_interval != "epoch":
-            raise ConfigError("multi-process prompt-wise runs step the learning-rate schedule once per step of each "
-                              "prompt: set model.lr_interval epoch")
         epochs = cli.trainer.max_epochs  # Lightning sets its default only for fit, not for this path
         if epochs is None or epochs < 1 or cli.trainer.max_steps != -1:
             raise ConfigError(f"multi-process prompt-wise runs take trainer.max_epochs steps per prompt (got "

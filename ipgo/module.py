@@ -144,7 +144,8 @@ class IPGOModule(L.LightningModule):
         grad_clip: clip each token set's gradient norm to this (None: no clipping).
         optimizer: optimiser over the token parameters.
         lr_scheduler: optional learning-rate schedule.
-        lr_interval: step the schedule every "epoch" (prompt-wise: every step of each prompt) or "step".
+        lr_interval: step the schedule every "epoch" (prompt-wise: every step of each prompt; the only choice there)
+            or every optimiser "step".
         select: prompt-wise export of the "best" tokens seen (on the training seeds) or the "last".
         report_prompts: prompts rendered before/after on the held-out seeds at the end of fit.
         image_every_n_epochs: log renders of up to 4 prompts on the held-out seeds to TensorBoard every
@@ -221,6 +222,10 @@ class IPGOModule(L.LightningModule):
         self.image_every_n_epochs = image_every_n_epochs
         if report_prompts < 0:
             raise ConfigError(f"model.report_prompts must be >= 0 (0: no before/after renders), got {report_prompts}")
+        if mode == "prompt-wise" and lr_interval != "epoch":
+            raise ConfigError("prompt-wise runs step the learning-rate schedule once per step of each prompt: set "
+                              "model.lr_interval epoch (per batch, a prompt's schedule would depend on how many other "
+                              "prompts the run has)")
         if prompt_attention and mode != "prompt-batch":
             raise ConfigError("prompt_attention (IPGO+) is a prompt-batch variant: set mode=prompt-batch")
         self.prompt_attention = prompt_attention
@@ -300,6 +305,10 @@ class IPGOModule(L.LightningModule):
                 "prompt-wise optimisation steps each prompt's own tokens every epoch; gradient accumulation "
                 "does not apply: remove trainer.accumulate_grad_batches"
             )
+        if self.prompt_wise and self.trainer.gradient_clip_val:
+            raise ConfigError("prompt-wise: trainer.gradient_clip_val clips the norm of all prompts' tokens together, "
+                              "so one prompt's gradient would scale another's; use model.grad_clip, which clips each "
+                              "prompt's tokens alone")
         self.prepare(datamodule.train_prompts, datamodule.val_prompts)
 
     def configure_optimizers(self) -> Any:

@@ -93,7 +93,8 @@ def orthonormal_basis(weight: Tensor) -> Tensor:
 
 
 def rotate(tokens: Tensor, angles: Tensor) -> Tensor:
-    """Apply R(theta) to tokens (..., D) with angles (..., a); see the module docstring."""
+    """Apply R(theta) to tokens (..., D) with angles (..., a); see the module docstring. The a factors G_k do not
+    commute, so they are applied one after another (a = 2 by default), each at once to every set, token and pair."""
     dim = tokens.shape[-1]
     if dim % 2:
         raise ConfigError(f"the rotation needs an even hidden size, got {dim}")

@@ -253,8 +253,8 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
         (["--trainer.max_epochs", "0"], "max_epochs is 0"),
         (["--trainer.max_epochs", "-1", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
          "set trainer.max_epochs >= 1 and leave trainer.max_steps unset"),
-        (["--model.lr_interval", "step", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
-         "set model.lr_interval epoch"),
+        (["--model.lr_interval", "step"], "set model.lr_interval epoch (per batch, a prompt's schedule would depend"),
+        (["--trainer.gradient_clip_val", "1.0"], "use model.grad_clip, which clips each prompt's tokens alone"),
     ]
     for args, message in cases:
         err = bad_input([*args, "--trainer.default_root_dir", out], capsys)
