@@ -255,8 +255,8 @@ def token_embeds(
     if negative_prompt is not None:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
-            raise UserError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts: give one per "
-                            "prompt, or a single string for all")
+            raise UserError(f"negative_prompt: {len(negatives)} given for {len(prompts)} prompts; give one per prompt, "
+                            "or a single string for all")
     prefix, suffix = tokens.tokens_for(prompts)
     cond, uncond, *_ = conditioning(backbone, prompts, prefix, suffix, tokens.layout, tokens.too_long, negatives,
                                     prompt_attention=tokens.prompt_attention)

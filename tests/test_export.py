@@ -262,7 +262,7 @@ def test_applied_tokens_render_several_images_per_prompt(family, ipgo_cache, mon
     assert repeated.shape == (4, 3, 32, 32)
     torch.testing.assert_close(repeated, copies)
     assert not torch.allclose(repeated[0], repeated[2])  # the prompts differ: a real comparison
-    with pytest.raises(UserError, match="negative_prompt has 1 entries for 2 prompts"):
+    with pytest.raises(UserError, match="negative_prompt: 1 given for 2 prompts; give one per prompt"):
         pipe(["a cat", "a dog"], negative_prompt=["blurry"], **call)
 
 
