@@ -286,7 +286,7 @@ def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
         call = signature.bind(*args, **kwargs)
         arguments = call.arguments
         if arguments.get("prompt_embeds") is None and arguments.get("prompt") is not None:
-            _refuse_unused(arguments)
+            _refuse_unused(arguments, int(tokens.extra.get("max_sequence_length", 256)))
             embeds = token_embeds(pipe, tokens, arguments["prompt"], arguments.get("negative_prompt"))
             if arguments.get("negative_prompt_embeds") is not None:  # the caller's own negatives win
                 embeds = {k: v for k, v in embeds.items() if not k.startswith("negative")}
@@ -306,14 +306,20 @@ def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
     return pipe
 
 
-def _refuse_unused(arguments: dict[str, Any]) -> None:
-    """The tokens condition every encoder on `prompt` (and `negative_prompt`): other prompts and CLIP skips
-    would be dropped without a word, so they are refused."""
+def _refuse_unused(arguments: dict[str, Any], t5_length: int) -> None:
+    """The tokens condition every encoder on `prompt` (and `negative_prompt`) at the T5 length they were learnt with
+    (SD 3): other prompts, CLIP skips and T5 lengths would be dropped without a word, so they are refused. (The
+    pipeline hands encode_prompt its default T5 length, 256, when the caller gives none: that one passes.)"""
     for name, main in (("prompt_2", "prompt"), ("prompt_3", "prompt"), ("negative_prompt_2", "negative_prompt"),
                        ("negative_prompt_3", "negative_prompt")):
         if arguments.get(name) is not None and arguments[name] != arguments.get(main):
             raise UserError(f"{name} differs from {main}: ipgo's tokens condition every text encoder on {main} "
                             f"alone, so {name} would be ignored; leave it out (or call remove_tokens(pipe) first)")
+    length = arguments.get("max_sequence_length")
+    if length is not None and length not in (t5_length, 256):
+        raise UserError(f"max_sequence_length {length}: these tokens were learnt with SD 3's T5 length {t5_length}, "
+                        "which they set for the pipeline; leave max_sequence_length out (or call remove_tokens(pipe) "
+                        "first)")
     if arguments.get("clip_skip") is not None:
         raise UserError("clip_skip: ipgo's tokens were learnt on the text encoder's usual output, which clip_skip "
                         "would replace; leave it out (or call remove_tokens(pipe) first)")

@@ -147,6 +147,9 @@ def test_sd3_tokens_carry_their_t5_length_into_the_pipeline(t5_length, ipgo_cach
     ipgo.apply_tokens(pipe, path)
     images = pipe(PROMPTS, num_inference_steps=1, height=32, width=32, output_type="pt").images
     assert images.shape == (2, 3, 32, 32)
+    with pytest.raises(UserError, match=f"max_sequence_length 128: these tokens were learnt with SD 3's T5 length "
+                                        f"{t5_length}"):
+        pipe(PROMPTS, num_inference_steps=1, height=32, width=32, max_sequence_length=128)
     # ipgo.generate's raw renders also encode at the trained T5 length
     raw = render(pipe, load_tokens(path), PROMPTS[:1], [5], tuned=False)[0]
     settings = sampler_settings(load_tokens(path))
