@@ -6,7 +6,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 import ipgo
-from ipgo.backbones import StableDiffusion
+from ipgo.backbones import PromptTooLongError, StableDiffusion
 from ipgo.errors import UserError
 from ipgo.export import TokenFile, TokenFileError, load_tokens, save_tokens
 from ipgo.module import IPGOModule
@@ -277,3 +277,15 @@ def test_applied_tokens_spell_out_multi_vector_textual_inversion_as_the_pipeline
     ours = ipgo.token_embeds(pipe, tokens, prompt)["prompt_embeds"]
     theirs, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
     torch.testing.assert_close(ours, theirs)
+
+
+def test_a_prompt_too_long_once_textual_inversion_is_spelt_out_is_refused(tiny_sd_dir):
+    """The length check counts a multi-vector textual-inversion token as its vectors, as the pipeline encodes it:
+    a prompt that fits as written but not spelt out is refused, not silently cut."""
+    pipe = pipeline(tiny_sd_dir, "lms")
+    width, limit = pipe.text_encoder.config.hidden_size, pipe.tokenizer.model_max_length
+    pipe.load_textual_inversion({"<long>": torch.randn(limit - 4, width, generator=torch.Generator().manual_seed(0))})
+    tokens = TokenFile(torch.zeros(1, width), torch.zeros(1, width), family="sd", base_model="tiny", hidden_size=width)
+    ipgo.token_embeds(pipe, tokens, "<long>")  # BOS + its vectors + EOS + 2 learned tokens: fits exactly
+    with pytest.raises(PromptTooLongError, match=f"has {limit + 1} tokens but only {limit - 2} fit"):
+        ipgo.token_embeds(pipe, tokens, "a photo of <long>")

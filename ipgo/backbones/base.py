@@ -320,9 +320,13 @@ class Backbone(nn.Module, ABC):
         return self.max_length
 
     def token_lengths(self, prompts: Sequence[str]) -> list[int]:
-        """Real tokens of each prompt without truncation, BOS and EOS included."""
+        """Real tokens of each prompt without truncation, BOS and EOS included (multi-vector textual-inversion
+        tokens spelt out, as the pipeline encodes them)."""
         self.load_tokenizer()
-        return [len(ids) for ids in self.tokenizer(list(prompts), truncation=False).input_ids]
+        texts = list(prompts)
+        if self._convert_prompt is not None:
+            texts = self._convert_prompt(texts, self.tokenizer)
+        return [len(ids) for ids in self.tokenizer(texts, truncation=False).input_ids]
 
     def encode(self, prompts: Sequence[str], reserved: int = 0, too_long: TooLong = "error") -> PromptEmbeds:
         """Encode prompts (each once, then cached), leaving `reserved` positions for learned tokens."""
