@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 
 from ipgo.data import PromptDataModule
 from ipgo.errors import ConfigError, UserError, reported
@@ -78,8 +78,10 @@ class IPGOCLI(LightningCLI):
                                              every_n_epochs=1, enable_version_counter=False,
                                              save_on_train_epoch_end=True))
         kwargs["callbacks"] = callbacks
-        if not config.get("plugins"):
-            kwargs["plugins"] = [AtomicCheckpointIO()]
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # a cluster or precision plugin keeps it too
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
 
@@ -116,7 +118,7 @@ def main(args: list[str] | None = None) -> IPGOCLI:
     if cli.trainer.max_epochs == 0:
         raise ConfigError("trainer.max_epochs is 0, so nothing would be optimised: give it at least 1")
     checkpoint = checkpoint_file(ckpt_path, last)
-    if checkpoint is None or checkpoint.resolve().parent != last.parent.resolve():
+    if not resumes_this_run(ckpt_path, checkpoint, run_dir):
         refuse_used_folder(run_dir)  # a fresh run, or one started from another run's checkpoint
     if cli.trainer.world_size > 1 and uses_running_statistics(cli.model.reward):
         raise ConfigError("normalize: running keeps its statistics per process, so the processes would scale the "
@@ -160,6 +162,15 @@ def checkpoint_file(ckpt_path: str | None, last: Path) -> Path | None:
         raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file. Give the path of a .ckpt file, or "
                         f"'last' to resume {last}")
     return path
+
+
+def resumes_this_run(ckpt_path: str | None, checkpoint: Path | None, run_dir: Path) -> bool:
+    """Whether `--ckpt_path` resumes the run in `run_dir`: Lightning's "best" and "hpc" (written there), or a
+    checkpoint file anywhere inside it (a ModelCheckpoint may have its own dirpath). A URL or registry name counts as
+    another run's."""
+    if checkpoint is None:
+        return ckpt_path in ("best", "hpc")
+    return checkpoint.resolve().is_relative_to(run_dir.resolve())
 
 
 def check_checkpoint(cli: IPGOCLI, path: Path) -> None:

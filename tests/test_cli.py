@@ -125,6 +125,39 @@ def test_a_checkpoint_survives_a_write_cut_short_across_filesystems(tmp_path, mo
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
 
 
+def test_a_run_resumes_from_its_own_hpc_or_other_checkpoint_files(tmp_path, monkeypatch):
+    """Lightning's "hpc" checkpoint (a preempted cluster job) and a checkpoint file elsewhere in the run folder are
+    this run's own: resuming from them is not refused as a used folder."""
+    import shutil
+
+    folder = tmp_path / "run"
+    main([*QUICK, "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(folder)])
+    (folder / "tokens.safetensors").unlink()  # an unfinished run
+    shutil.copy(folder / "checkpoints/last.ckpt", folder / "hpc_ckpt_1.ckpt")
+    (folder / "kept").mkdir()
+    shutil.copy(folder / "checkpoints/last.ckpt", folder / "kept/epoch=0.ckpt")
+    epochs = count_training_epochs(monkeypatch)
+    main([*QUICK, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(folder), "--ckpt_path", "hpc"])
+    main([*QUICK, "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(folder), "--ckpt_path",
+          str(folder / "kept/epoch=0.ckpt")])
+    assert epochs == [1, 1, 2]  # each went on from epoch 1
+
+
+def test_another_plugin_keeps_the_atomic_checkpoint_writer(tmp_path):
+    """A plugin given on the command line (precision, cluster environment ...) is added to the atomic checkpoint
+    writer, not put in its place: only a CheckpointIO of the user's replaces it."""
+    from lightning.pytorch.plugins.precision import DoublePrecision
+
+    from ipgo.cli import IPGOCLI, AtomicCheckpointIO
+    from ipgo.data import PromptDataModule
+
+    cli = IPGOCLI(IPGOModule, PromptDataModule, run=False, args=[
+        *QUICK, "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.plugins", "lightning.pytorch.plugins.precision.DoublePrecision"])
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert isinstance(cli.trainer.precision_plugin, DoublePrecision)
+
+
 def test_a_run_without_checkpointing_writes_its_outputs(tmp_path):
     """--trainer.enable_checkpointing false, a standard Trainer key, is honoured (no checkpoint callback added)."""
     main([*QUICK, "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false",
