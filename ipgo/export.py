@@ -298,7 +298,11 @@ def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
                 copies = arguments.get("num_images_per_prompt") or 1
                 arguments["num_images_per_prompt"] = 1
                 encoded = original(*call.args, **call.kwargs)
-                return tuple(x.repeat_interleave(copies, dim=0) if isinstance(x, Tensor) else x for x in encoded)
+                # one row per prompt, repeated here; a caller's negatives already sized per image (as SD 3 takes
+                # them, since its encode_prompt does not repeat them) stay as they are
+                prompts = embeds["prompt_embeds"].shape[0]
+                return tuple(x.repeat_interleave(copies, dim=0) if isinstance(x, Tensor) and x.shape[0] == prompts
+                             else x for x in encoded)
         return original(*call.args, **call.kwargs)
 
     pipe.encode_prompt = encode_prompt

@@ -248,6 +248,9 @@ def test_applied_tokens_render_several_images_per_prompt(family, ipgo_cache, mon
     pipe = pipeline_class.from_pretrained(resolve_source(f"tiny:{family}"), **extra)
     pipe.set_progress_bar_config(disable=True)
     backbone = backbone_for_pipeline(pipe)
+    both = {"prompt_2": "blurry", "prompt_3": "blurry"} if family == "sd3" else {}
+    blurry = pipe.encode_prompt(prompt="blurry", device="cpu", num_images_per_prompt=1,
+                                do_classifier_free_guidance=False, **both)
     torch.manual_seed(0)
     tokens = TokenFile(torch.randn(2, backbone.hidden_size), torch.randn(1, backbone.hidden_size),
                        family=backbone.family, base_model=f"tiny:{family}", hidden_size=backbone.hidden_size)
@@ -264,6 +267,20 @@ def test_applied_tokens_render_several_images_per_prompt(family, ipgo_cache, mon
     assert not torch.allclose(repeated[0], repeated[2])  # the prompts differ: a real comparison
     with pytest.raises(UserError, match="negative_prompt: 1 given for 2 prompts; give one per prompt"):
         pipe(["a cat", "a dog"], negative_prompt=["blurry"], **call)
+    # a caller's own negative embeddings, sized as the plain pipeline takes them (SD 3: one per image, the others:
+    # one per prompt, which they repeat)
+
+    def negatives(rows):
+        given = {"negative_prompt_embeds": blurry[0].repeat(rows, 1, 1)}
+        if len(blurry) == 4:
+            given["negative_pooled_prompt_embeds"] = blurry[2].repeat(rows, 1)
+        return given
+
+    own = pipe(["a cat", "a dog"], num_images_per_prompt=2, generator=seeds(1, 2, 3, 4), **call,
+               **negatives(4 if family == "sd3" else 2)).images
+    own_copies = pipe(["a cat", "a cat", "a dog", "a dog"], generator=seeds(1, 2, 3, 4), **call, **negatives(4)).images
+    torch.testing.assert_close(own, own_copies)
+    assert not torch.allclose(own, repeated)  # the negatives were used
 
 
 def test_applied_tokens_spell_out_multi_vector_textual_inversion_as_the_pipeline(tiny_sd_dir):
