@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ipgo.backbones.base import Backbone, TooLong, check_prompt_lengths, portable_model_name
+from ipgo.backbones.base import Backbone, TooLong, check_prompt_lengths, model_fingerprint, portable_model_name
 from ipgo.errors import ConfigError, NonFiniteRewardError, UserError
 from ipgo.export import TokenFile
 from ipgo.files import atomic_path
@@ -595,8 +595,15 @@ class IPGOModule(L.LightningModule):
             raise UserError("the checkpoint was saved by an earlier ipgo, whose SD 3 conditioning dropped the last "
                             "T5 states for the learned tokens; this ipgo keeps them, so its tokens were trained on "
                             "another conditioning: start a new run folder")
+        moved = saved.get("model_files") is not None and saved.get("model_files") == current["model_files"]
+        if (saved.get("model", current["model"]) != current["model"] and not moved) or \
+                saved.get("revision", current["revision"]) != current["revision"]:
+            raise UserError(f"the checkpoint was saved by a run on another model ({saved['model']!r}, revision "
+                            f"{saved.get('revision')!r}), this run is on {current['model']!r} (revision "
+                            f"{current['revision']!r}); its tokens were learnt for that model: resume with it (a moved "
+                            "local folder with the same files is recognised) or start a new run folder")
         differences = [_difference(key, saved[key], value) for key, value in current.items()
-                       if key in saved and saved[key] != value]
+                       if key in saved and saved[key] != value and key not in ("model", "revision", "model_files")]
         if differences:
             raise UserError(
                 f"the checkpoint was saved by another run: {'; '.join(differences)}. Its tokens would go to the "
@@ -608,8 +615,10 @@ class IPGOModule(L.LightningModule):
         shape = {key: getattr(self.token_config, key) for key in ("n_prefix", "n_suffix", "rank", "rotation_angles",
                                                                    "bias")}
         rewards = list(self.reward.names) if isinstance(self.reward, CombinedReward) else [self.reward.name]
+        if not hasattr(self, "_model_files"):  # a moved local model folder keeps these (see check_checkpoint_run)
+            self._model_files = model_fingerprint(self.backbone.model)
         return {"family": self.backbone.family, "model": portable_model_name(self.backbone.model),
-                "revision": self.backbone.revision,
+                "revision": self.backbone.revision, "model_files": self._model_files,
                 "mode": self.mode, "prompts": list(self.prompts if prompts is None else prompts), "tokens": shape,
                 "layout": self.layout, "prompt_attention": self.prompt_attention, "rewards": rewards,
                 **({"t5_states": "kept"} if self.backbone.family == "sd3" else {})}  # see inject.conditioning

@@ -143,6 +143,35 @@ def test_a_run_resumes_from_its_own_hpc_or_other_checkpoint_files(tmp_path, monk
     assert epochs == [1, 1, 2]  # each went on from epoch 1
 
 
+def test_a_moved_model_folder_resumes_and_another_model_is_refused(tmp_path, tiny_sd_dir, tiny_clip_dir):
+    """A run's checkpoint names its model; the same files in another folder (moved, another mount) still resume it,
+    other weights do not."""
+    import shutil
+
+    from ipgo.backbones import StableDiffusion
+    from ipgo.errors import UserError
+    from ipgo.rewards import ClipScore
+
+    first, moved, other = tmp_path / "first", tmp_path / "moved", tmp_path / "other"
+    for folder in (first, moved, other):
+        shutil.copytree(tiny_sd_dir, folder)
+    config = other / "unet/config.json"
+    config.write_text(config.read_text().replace("{", '{"_retrained": true,', 1))
+
+    def module(folder):
+        return IPGOModule(StableDiffusion(str(folder)), ClipScore(str(tiny_clip_dir)))
+
+    saved = module(first)._run_identity(["a cat"])
+    shutil.rmtree(first)
+    module(moved).check_checkpoint_run(saved, ["a cat"])
+    with pytest.raises(UserError, match=r"saved by a run on another model \('.*first', revision None\), this run is "
+                                        r"on '.*other'.*resume with it \(a moved local folder"):
+        module(other).check_checkpoint_run(saved, ["a cat"])
+    earlier = {key: value for key, value in saved.items() if key != "model_files"}  # saved before files were hashed
+    with pytest.raises(UserError, match="another model"):
+        module(moved).check_checkpoint_run(earlier, ["a cat"])
+
+
 def test_another_plugin_keeps_the_atomic_checkpoint_writer(tmp_path):
     """A plugin given on the command line (precision, cluster environment ...) is added to the atomic checkpoint
     writer, not put in its place: only a CheckpointIO of the user's replaces it."""

@@ -8,6 +8,7 @@ load), `load()` the weights. Backbones are `nn.Module`s so that Lightning moves 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from abc import ABC, abstractmethod
@@ -407,6 +408,22 @@ class Backbone(nn.Module, ABC):
     def dtype(self) -> torch.dtype:
         """dtype of the frozen weights."""
         return torch_dtype(self.dtype_name)
+
+
+def model_fingerprint(model: str) -> str | None:
+    """For a local model folder: a hash of its files' names, its config files and its weight files' sizes, which a
+    moved or copied folder keeps (so a run resumes from it); None for hub ids and tiny names."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = file.relative_to(folder).as_posix()
+        if name.startswith("."):  # hub download metadata and the like
+            continue
+        digest.update(name.encode())
+        digest.update(file.read_bytes() if file.suffix in (".json", ".txt") else str(file.stat().st_size).encode())
+    return digest.hexdigest()
 
 
 def portable_model_name(model: str) -> str:
