@@ -13,7 +13,8 @@ prompt, so both spend the same sampling compute (IPGO's extra backward through K
 not counted, which favours best-of-N).
 
 `metrics.json` (schema_version 2):
-    settings: prompts, seeds, rewards, selection_reward, best_of_n, bootstrap, tie_tolerance
+    settings: prompts, seeds, rewards, selection_reward, best_of_n, best_of_n_matches_compute, bootstrap,
+              tie_tolerance
     methods: {name: {kind: raw|ipgo|best_of_n, tokens, compute (fit_seconds, peak_memory_bytes,
               memory_kind, device, processes, sampler_calls_per_prompt), flags,
               rewards: {reward: {n, mean, stderr, wins, ties, losses, win_rate, win_rate_ci}}}}
@@ -197,6 +198,7 @@ def evaluate(
     reward.check(prompt_list, settings["height"], settings["width"])
     optimised = json.loads(first.extra.get("rewards", "[]"))
     n = _candidates(best_of_n, first)
+    matched = n > 0 and n == _matched_or_none(first)
     if n and selection_reward is None and len(optimised) > 1:
         raise UserError(
             f"the run optimised a combination of rewards ({', '.join(optimised)}); best-of-N selects with one: "
@@ -232,7 +234,8 @@ def evaluate(
 
     metrics = _metrics(named, token_files, scores, flags, prompt_list, seed_list, chosen, tie_tolerance, bootstrap)
     metrics["settings"] = {"prompts": prompt_list, "seeds": seed_list, "rewards": list(reward.names),
-                           "selection_reward": selector if n else None, "best_of_n": n, "bootstrap": bootstrap,
+                           "selection_reward": selector if n else None, "best_of_n": n,
+                           "best_of_n_matches_compute": matched, "bootstrap": bootstrap,
                            "tie_tolerance": tie_tolerance}
     earlier = set(out_dir.glob("grid_*.png"))  # an earlier evaluation's (with --overwrite): other methods, maybe
     for name, method_images in images.items():
@@ -245,6 +248,14 @@ def evaluate(
     write_text(out_dir / "report.md", report)
     print(report)
     return metrics
+
+
+def _matched_or_none(tokens: TokenFile) -> int | None:
+    """`matched_n`, or None for a token file that records no compute."""
+    try:
+        return matched_n(tokens)
+    except UserError:
+        return None
 
 
 def _candidates(best_of_n: int | str, tokens: TokenFile) -> int:
@@ -372,9 +383,10 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         "errors are over prompt means.",
     ]
     if settings["best_of_n"]:
+        matching = ("matched sampling compute" if settings.get("best_of_n_matches_compute", True) else
+                    "N given by hand: not matched to the optimisation's sampler calls per prompt")
         lines.append(f"best_of_{settings['best_of_n']}: the raw prompt's best of {settings['best_of_n']} samples "
-                     f"by `{settings['selection_reward']}` (matched sampling compute), its own seed's image "
-                     "among them.")
+                     f"by `{settings['selection_reward']}` ({matching}), its own seed's image among them.")
     for reward in settings["rewards"]:
         lines += ["", f"## {reward}", "", "| method | mean ± s.e. | wins / ties / losses | win rate [95% CI] |",
                   "|---|---:|---:|---:|"]

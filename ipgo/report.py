@@ -130,6 +130,8 @@ def summary_markdown(summary: dict) -> str:
     lines += ["", f"Tokens: `{summary['tokens']}`"]
     if summary["grid"]:
         n = len(summary["seeds"])
-        lines.append(f"Grid `{summary['grid']}`: one row per prompt; the left {n} images are the raw prompt, "
-                     f"the right {n} the prompt with the tokens, on the same seeds.")
+        left, right = (("the left image is", "the right one") if n == 1 else
+                       (f"the left {n} images are", f"the right {n}"))
+        lines.append(f"Grid `{summary['grid']}`: one row per prompt; {left} the raw prompt, {right} the prompt with "
+                     f"the tokens, on the same seed{'s' if n > 1 else ''}.")
     return "\n".join(lines) + "\n"

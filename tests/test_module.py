@@ -224,3 +224,9 @@ def test_summary_says_what_the_training_figures_are():
     assert "at the last step (scored before its update) 0.3000" in text and "luck" not in text
     summary["train"]["noise"] = "fresh"
     assert "partly the luck of its noise" in summary_markdown(summary)
+    summary["grid"] = "before_after.png"
+    assert "the left image is the raw prompt, the right one the prompt with the tokens, on the same seed." in \
+        summary_markdown(summary)
+    summary["seeds"] = [5, 6]
+    assert "the left 2 images are the raw prompt, the right 2 the prompt with the tokens, on the same seeds." in \
+        summary_markdown(summary)
