@@ -150,8 +150,11 @@ def main(args: list[str] | None = None) -> IPGOCLI:
 
 def checkpoint_file(ckpt_path: str | None, last: Path) -> Path | None:
     """The local checkpoint `--ckpt_path` names (`last`: the run folder's), refused before anything loads when it is
-    missing; None without one, or for what Lightning resolves itself (a URL, "best", "hpc", "registry")."""
-    if ckpt_path is None or "://" in ckpt_path or ckpt_path in ("best", "hpc", "registry"):
+    missing; None without one, or for what Lightning resolves itself (a URL, "hpc", "registry")."""
+    if ckpt_path == "best":  # Lightning knows a best checkpoint only within the process that wrote it
+        raise UserError(f"--ckpt_path best: a new run has no best checkpoint to resume; give 'last' to resume {last}, "
+                        "or the path of a .ckpt file")
+    if ckpt_path is None or "://" in ckpt_path or ckpt_path in ("hpc", "registry"):
         return None
     if ckpt_path == "last":
         if not last.is_file():
@@ -165,11 +168,11 @@ def checkpoint_file(ckpt_path: str | None, last: Path) -> Path | None:
 
 
 def resumes_this_run(ckpt_path: str | None, checkpoint: Path | None, run_dir: Path) -> bool:
-    """Whether `--ckpt_path` resumes the run in `run_dir`: Lightning's "best" and "hpc" (written there), or a
+    """Whether `--ckpt_path` resumes the run in `run_dir`: Lightning's "hpc" (written there), or a
     checkpoint file anywhere inside it (a ModelCheckpoint may have its own dirpath). A URL or registry name counts as
     another run's."""
     if checkpoint is None:
-        return ckpt_path in ("best", "hpc")
+        return ckpt_path == "hpc"
     return checkpoint.resolve().is_relative_to(run_dir.resolve())
 
 

@@ -98,6 +98,7 @@ def test_resume_continues_where_the_run_stopped(tmp_path, monkeypatch, capsys):
     for args, message in [
         (other_family, "saved by a run on a 'sd' model ('tiny:sd1'), this run is on a 'sdxl' model"),
         (["--ckpt_path", str(resumed / "checkpoints/lats.ckpt")], "lats.ckpt: no such checkpoint file"),
+        (["--ckpt_path", "best"], "--ckpt_path best: a new run has no best checkpoint to resume; give 'last'"),
         # another run's checkpoint started in a folder that holds a finished run: it is not overwritten
         (["--ckpt_path", str(resumed / "checkpoints/last.ckpt"), "--trainer.default_root_dir", str(straight)],
          "already holds a finished run"),
