@@ -164,6 +164,7 @@ class PromptDataModule(L.LightningDataModule):
             raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.path = prompts
         self.column = column
+        self.file_prompts = read_prompts(prompts, column)  # read now: a bad file is reported before the trainer starts
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.shuffle = shuffle
@@ -175,7 +176,7 @@ class PromptDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_prompts:
             return
-        prompts = read_prompts(self.path, self.column)[: self.limit]
+        prompts = self.file_prompts[: self.limit]
         order = list(range(len(prompts)))
         n_val = round(len(prompts) * self.val_fraction)
         if self.val_fraction and (n_val == 0 or n_val == len(prompts)):

@@ -39,13 +39,14 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ipgo.backbones.base import portable_model_name
 from ipgo.data import prompt_key, read_prompts
 from ipgo.errors import NonFiniteRewardError, UserError, reported
 from ipgo.export import TokenFile, check_prompts_fit, check_tokens, load_tokens
 from ipgo.files import check_output_folder, write_text
-from ipgo.generate import check_held_out, load_pipeline, parse_seeds, render, sampler_settings
+from ipgo.generate import check_held_out, load_pipeline, parse_seeds, progress_bar, render, sampler_settings
 from ipgo.report import save_before_after
 from ipgo.rewards.combine import CombinedReward, RewardSpec, build_reward
 
@@ -219,18 +220,19 @@ def evaluate(
         check_tokens(pipe, tokens)
     out_dir = Path(out)
 
-    raw = render(pipe, first, prompt_list, seed_list, tuned=False)
-    images = {"raw": raw}
-    scores = {"raw": score(reward, raw, prompt_list)}
-    for name, tokens in token_files.items():
-        images[name] = render(pipe, tokens, prompt_list, seed_list, tuned=True)
-        scores[name] = score(reward, images[name], prompt_list)
-
-    chosen: dict[tuple[int, int], int] = {}
-    if n:
-        images[f"best_of_{n}"], scores[f"best_of_{n}"], chosen = _best_of_n(
-            pipe, first, reward, prompt_list, seed_list, n, selector, raw, scores["raw"]
-        )
+    renders = len(prompt_list) * len(seed_list) * (1 + len(token_files) + max(n - 1, 0))
+    with progress_bar(renders, "ipgo.evaluate") as progress:
+        raw = render(pipe, first, prompt_list, seed_list, False, progress)
+        images = {"raw": raw}
+        scores = {"raw": score(reward, raw, prompt_list)}
+        for name, tokens in token_files.items():
+            images[name] = render(pipe, tokens, prompt_list, seed_list, True, progress)
+            scores[name] = score(reward, images[name], prompt_list)
+        chosen: dict[tuple[int, int], int] = {}
+        if n:
+            images[f"best_of_{n}"], scores[f"best_of_{n}"], chosen = _best_of_n(
+                pipe, first, reward, prompt_list, seed_list, n, selector, raw, scores["raw"], progress
+            )
 
     metrics = _metrics(named, token_files, scores, flags, prompt_list, seed_list, chosen, tie_tolerance, bootstrap)
     metrics["settings"] = {"prompts": prompt_list, "seeds": seed_list, "rewards": list(reward.names),
@@ -318,7 +320,7 @@ def _prompts(path: str | None, column: str | None, token_files: dict[str, TokenF
 
 
 def _best_of_n(pipe: Any, tokens: TokenFile, reward: CombinedReward, prompts: list[str], seeds: list[int], n: int,
-               selector: str, raw: Tensor, raw_scores: dict[str, Tensor]
+               selector: str, raw: Tensor, raw_scores: dict[str, Tensor], progress: tqdm | None = None
                ) -> tuple[Tensor, dict[str, Tensor], dict[tuple[int, int], int]]:
     """Per (prompt, seed): the best by `selector` of the raw prompt's image on the seed itself (the raw method's
     very image and scores, so a pick of it is an exact tie) and on N - 1 more seeds."""
@@ -330,7 +332,7 @@ def _best_of_n(pipe: Any, tokens: TokenFile, reward: CombinedReward, prompts: li
             images = raw[i : i + 1, j : j + 1]
             candidate_scores = {name: values[i : i + 1, j : j + 1] for name, values in raw_scores.items()}
             if n > 1:
-                more = render(pipe, tokens, [prompt], candidates[1:], tuned=False)  # (1, n - 1, 3, H, W)
+                more = render(pipe, tokens, [prompt], candidates[1:], False, progress)  # (1, n - 1, 3, H, W)
                 more_scores = score(reward, more, [prompt])
                 images = torch.cat([images, more], dim=1)
                 candidate_scores = {name: torch.cat([values, more_scores[name]], dim=1)

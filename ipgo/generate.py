@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ipgo.data import read_prompts
 from ipgo.errors import UserError, reported
@@ -137,9 +138,16 @@ class Renders:
     tuned: Tensor
 
 
+def progress_bar(total: int, command: str) -> tqdm:
+    """The images a command renders, counted on stderr (the pipeline's own per-call bar is off)."""
+    return tqdm(total=total, desc=command, unit="image", dynamic_ncols=True)
+
+
 @torch.no_grad()
-def render(pipe: Any, tokens: TokenFile, prompts: Sequence[str], seeds: Sequence[int], tuned: bool = True) -> Tensor:
-    """Images (len(prompts), len(seeds), 3, H, W) from `pipe` on the given seeds, with or without the tokens."""
+def render(pipe: Any, tokens: TokenFile, prompts: Sequence[str], seeds: Sequence[int], tuned: bool = True,
+           progress: tqdm | None = None) -> Tensor:
+    """Images (len(prompts), len(seeds), 3, H, W) from `pipe` on the given seeds, with or without the tokens;
+    `progress` counts them as they are rendered."""
     settings = sampler_settings(tokens)
     # SD 3: raw prompts too are encoded at the T5 length the tokens were trained with.
     family_settings = {key: int(tokens.extra[key]) for key in ("max_sequence_length",) if key in tokens.extra}
@@ -156,6 +164,8 @@ def render(pipe: Any, tokens: TokenFile, prompts: Sequence[str], seeds: Sequence
                 height=settings["height"], width=settings["width"], output_type="pt", **family_settings,
             ).images
             rows.append(images.float().cpu())
+            if progress is not None:
+                progress.update(len(seeds))
     finally:  # a failed render leaves no tokens on the caller's pipeline
         remove_tokens(pipe)
     return torch.stack(rows)
@@ -243,8 +253,9 @@ def generate(
     check_prompts_fit(token_file, prompt_list, model)
     pipe = load_pipeline(token_file, model, device, dtype)
     check_tokens(pipe, token_file)
-    renders = Renders(prompt_list, seed_list, render(pipe, token_file, prompt_list, seed_list, tuned=False),
-                      render(pipe, token_file, prompt_list, seed_list, tuned=True))
+    with progress_bar(2 * len(prompt_list) * len(seed_list), "ipgo.generate") as progress:
+        renders = Renders(prompt_list, seed_list, render(pipe, token_file, prompt_list, seed_list, False, progress),
+                          render(pipe, token_file, prompt_list, seed_list, True, progress))
     manifest = save_renders(renders, Path(out), {"tokens": str(tokens), "training_seeds_used": flagged})
     written = {(Path(out) / entry["file"]).resolve() for entry in manifest["images"]}
     for path in set(earlier) - written:

@@ -323,6 +323,8 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
         err = bad_input([*args, "--trainer.default_root_dir", out], capsys)
         assert message in err, (args, err[-2000:])
         assert "Traceback" not in err
+        if args[0] == "--data.prompts" and "--model.too_long" not in args:  # read before the trainer starts
+            assert not Path(out).exists(), args
 
 
 REWARD_CHOICES = {

@@ -35,10 +35,12 @@ def run(tmp_path_factory, ipgo_cache):
     patch.undo()
 
 
-def test_generate_matches_the_modules_render(run, tmp_path):
+def test_generate_matches_the_modules_render(run, tmp_path, capsys):
     run_dir, module = run
     renders = generate(str(run_dir), seeds="1000-1002", out=str(tmp_path))
     assert renders.tuned.shape == (2, 3, 3, 32, 32)
+    progress = capsys.readouterr().err  # the renders are counted: raw and tuned, 2 prompts x 3 seeds each
+    assert "ipgo.generate: 100%" in progress and "12/12" in progress
     from ipgo.export import load_tokens
 
     prefix, suffix = load_tokens(run_dir).tokens_for(renders.prompts)
@@ -69,9 +71,11 @@ def test_generate_matches_the_modules_render(run, tmp_path):
     assert stat.S_IMODE((run_dir / "tokens.safetensors").stat().st_mode) == 0o666 & ~umask  # readable as any output
 
 
-def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path):
+def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path, capsys):
     run_dir, module = run
     metrics = evaluate([f"ipgo={run_dir}"], REWARDS, seeds="1000-1002", out=str(tmp_path), bootstrap=200)
+    # 6 raw + 6 tuned + 6 more candidates of best-of-2 (the seed's own image is the raw one), counted as rendered
+    assert "18/18" in capsys.readouterr().err
     for name in ("report.md", "metrics.json", "grid_ipgo.png"):
         assert (tmp_path / name).is_file()
     assert metrics == json.loads((tmp_path / "metrics.json").read_text())
