@@ -117,6 +117,10 @@ def main(args: list[str] | None = None) -> IPGOCLI:
     last = run_dir / "checkpoints" / "last.ckpt"
     if cli.trainer.max_epochs == 0:
         raise ConfigError("trainer.max_epochs is 0, so nothing would be optimised: give it at least 1")
+    if cli.model.prompt_wise and cli.model.select == "best" and cli.trainer.max_epochs == 1:
+        warnings.warn("trainer.max_epochs is 1: a prompt-wise run with model.select best exports each prompt's best "
+                      "measured tokens, and a step's reward is measured before its update, so one step exports the "
+                      "starting tokens. Give max_epochs >= 2 (or model.select last)", UserWarning, stacklevel=2)
     checkpoint = checkpoint_file(ckpt_path, last)
     if not resumes_this_run(ckpt_path, checkpoint, run_dir):
         refuse_used_folder(run_dir)  # a fresh run, or one started from another run's checkpoint

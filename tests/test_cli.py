@@ -190,9 +190,14 @@ def test_another_plugin_keeps_the_atomic_checkpoint_writer(tmp_path):
 
 def test_a_run_without_checkpointing_writes_its_outputs(tmp_path):
     """--trainer.enable_checkpointing false, a standard Trainer key, is honoured (no checkpoint callback added)."""
-    main([*QUICK, "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false",
-          "--trainer.default_root_dir", str(tmp_path)])
+    with pytest.warns(UserWarning, match="one step exports the starting tokens"):  # prompt-wise, select best
+        cli = main([*QUICK, "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false",
+                    "--trainer.default_root_dir", str(tmp_path)])
     assert (tmp_path / "summary.json").is_file() and not (tmp_path / "checkpoints").exists()
+    exported = load_file(tmp_path / "tokens.safetensors")["prefix"]
+    assert torch.equal(exported, cli.model.best.prefix)  # what the warning says: the tokens measured at the start
+    with torch.no_grad():
+        assert not torch.allclose(exported, cli.model.token_vectors([0, 1])[0].float())  # not the updated ones
 
 
 @pytest.mark.slow
