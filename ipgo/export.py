@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ipgo.backbones import FAMILIES, backbone_for_pipeline
-from ipgo.backbones.base import check_prompt_lengths
+from ipgo.backbones import FAMILIES, Backbone, backbone_for_pipeline
+from ipgo.backbones.base import check_prompt_lengths, same_weights
 from ipgo.errors import UserError
 from ipgo.files import atomic_path
 from ipgo.inject import conditioning
@@ -92,8 +93,10 @@ class TokenFile:
         index = torch.tensor([position[p] for p in prompts])
         return self.prefix[index], self.suffix[index]
 
-    def check_fits(self, family: str, hidden_size: int, model: str = "") -> None:
-        """Raise a clear error if the tokens were made for another kind of model."""
+    def check_fits(self, backbone: Backbone) -> None:
+        """Raise a clear error if the tokens were made for another kind of model; warn if for other weights of the
+        same kind (a fine-tune or another checkpoint: the tokens apply, but the images differ from training's)."""
+        family, hidden_size, model = backbone.family, backbone.hidden_size, backbone.model
         if family != self.family or hidden_size != self.hidden_size:
             raise TokenFileError(
                 f"these tokens were made for a {self.family!r} model with hidden size {self.hidden_size} "
@@ -101,6 +104,16 @@ class TokenFile:
                 f"size {hidden_size}{f' ({model!r})' if model else ''}. Use a token file trained for "
                 "this model family and text encoder."
             )
+        recorded = json.loads(self.extra.get("weights_signature", "{}"))  # files before the thirteenth session: none
+        current = backbone.weights_signature() if recorded else {}
+        differing = [part.replace("_", " ") for part, values in recorded.items()
+                     if part in current and not same_weights(values, current[part])]
+        if differing:
+            warnings.warn(
+                f"these tokens were learnt on {self.base_model!r}, and this pipeline's {' and '.join(differing)} "
+                f"weights differ from that model's{f' ({model!r})' if model else ''}: the tokens apply, but its "
+                "images will differ from those the tokens were optimised for. Load the base model to reproduce them.",
+                UserWarning, stacklevel=3)
 
 
 def save_tokens(path: str | os.PathLike, tokens: TokenFile) -> Path:
@@ -233,7 +246,7 @@ def check_prompts_fit(tokens: TokenFile, prompts: Sequence[str], model: str | No
 def check_tokens(pipe: Any, tokens: TokenFile) -> None:
     """Refuse, before anything renders, tokens made for another model (family, hidden size) than `pipe`'s."""
     backbone = backbone_for_pipeline(pipe)
-    tokens.check_fits(backbone.family, backbone.hidden_size, backbone.model)
+    tokens.check_fits(backbone)
 
 
 @torch.no_grad()
@@ -249,7 +262,7 @@ def token_embeds(
     backbone = backbone_for_pipeline(pipe)
     if "max_sequence_length" in tokens.extra and hasattr(backbone, "max_sequence_length"):
         backbone.max_sequence_length = int(tokens.extra["max_sequence_length"])  # SD 3: the T5 length trained with
-    tokens.check_fits(backbone.family, backbone.hidden_size, backbone.model)
+    tokens.check_fits(backbone)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = None
     if negative_prompt is not None:
@@ -277,7 +290,7 @@ def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
     """
     tokens = tokens if isinstance(tokens, TokenFile) else load_tokens(tokens)
     backbone = backbone_for_pipeline(pipe)
-    tokens.check_fits(backbone.family, backbone.hidden_size, backbone.model)
+    tokens.check_fits(backbone)
     remove_tokens(pipe)
     original = pipe.encode_prompt
     signature = inspect.signature(original)

@@ -166,6 +166,28 @@ def test_token_files_name_the_weights_they_were_trained_on(tiny_sd_dir, tiny_cli
     assert (calls[0]["variant"], calls[0]["revision"]) == ("fp16", "v2") and "variant" not in calls[1]
 
 
+def test_tokens_on_other_weights_of_the_same_kind_warn(tiny_sd_dir, tiny_clip_dir):
+    """A fine-tune or another checkpoint of the family: the tokens apply, with a warning that names the part; the
+    very weights trained on, cast to bfloat16, pass."""
+    import warnings
+
+    tokens = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch").token_file()
+    pipe = pipeline(tiny_sd_dir, "lms")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ipgo.token_embeds(pipe, tokens, "a cat")
+        ipgo.token_embeds(pipe.to(torch.bfloat16), tokens, "a cat")
+    pipe.to(torch.float32)
+    with torch.no_grad():
+        pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight.mul_(1.1)  # a "fine-tune"
+    with pytest.warns(UserWarning, match="this pipeline's denoiser weights differ from that model's"):
+        ipgo.apply_tokens(pipe, tokens)
+    with torch.no_grad():
+        [*(w for key, w in pipe.text_encoder.named_parameters() if key.endswith("fc2.weight"))][-1].add_(0.05)
+    with pytest.warns(UserWarning, match="text encoder and denoiser weights differ"):
+        ipgo.token_embeds(pipe, tokens, "a cat")
+
+
 def test_tokens_work_on_a_pipeline_with_cpu_offload(tiny_sd_dir, tiny_clip_dir):
     """With (sequential) CPU offload the weights sit on the "meta" device; prompts are encoded where the pipeline
     runs its models (its execution device), as diffusers does."""

@@ -308,6 +308,23 @@ class Backbone(nn.Module, ABC):
             raise RuntimeError(f"{type(self).__name__}({self.model!r}) is not loaded yet: call .load() first")
         return part
 
+    def weights_signature(self) -> dict[str, list[float]]:
+        """Sixteen values each of two weights the learned tokens meet: the text encoder's last MLP projection and the
+        denoiser's first cross-attention key projection. Token files record them, so tokens used with other weights
+        of the same family and width (a fine-tune, another checkpoint) are noticed. Empty for weights not in memory
+        (offloaded to the meta device)."""
+        text_encoder, denoiser = self._loaded(self.text_encoder), self._loaded(getattr(self, self.denoiser_part))
+        text_weights = [w for key, w in text_encoder.named_parameters() if key.endswith("fc2.weight")]
+        key_weights = [w for key, w in denoiser.named_parameters() if key.endswith(("attn2.to_k.weight",
+                                                                                    "add_k_proj.weight"))]
+        signature = {}
+        for name, weight in (("text_encoder", text_weights[-1]), ("denoiser", key_weights[0])):
+            if weight.device.type == "meta":
+                return {}
+            picks = torch.linspace(0, weight.numel() - 1, 16).round().long().to(weight.device)
+            signature[name] = [float(f"{v:.6g}") for v in weight.detach().flatten()[picks].float().tolist()]
+        return signature
+
     # -- prompts ----------------------------------------------------------------------------
     @property
     def max_length(self) -> int:
@@ -424,6 +441,15 @@ def model_fingerprint(model: str) -> str | None:
         digest.update(name.encode())
         digest.update(file.read_bytes() if file.suffix in (".json", ".txt") else str(file.stat().st_size).encode())
     return digest.hexdigest()
+
+
+def same_weights(recorded: Sequence[float], current: Sequence[float]) -> bool:
+    """Whether two samples of `Backbone.weights_signature` are of the same weights, allowing for a cast to float16 or
+    bfloat16 (about 0.4% per value)."""
+    if len(recorded) != len(current):
+        return False
+    scale = max(max(abs(v) for v in recorded), 1e-8)
+    return all(abs(a - b) <= 0.02 * scale for a, b in zip(recorded, current))
 
 
 def portable_model_name(model: str) -> str:
