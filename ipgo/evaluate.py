@@ -46,7 +46,15 @@ from ipgo.data import prompt_key, read_prompts
 from ipgo.errors import NonFiniteRewardError, UserError, reported
 from ipgo.export import TokenFile, check_prompts_fit, check_tokens, load_tokens
 from ipgo.files import check_output_folder, write_text
-from ipgo.generate import check_held_out, load_pipeline, parse_seeds, progress_bar, render, sampler_settings
+from ipgo.generate import (
+    check_batch_size,
+    check_held_out,
+    load_pipeline,
+    parse_seeds,
+    progress_bar,
+    render,
+    sampler_settings,
+)
 from ipgo.report import save_before_after
 from ipgo.rewards.combine import CombinedReward, RewardSpec, build_reward
 
@@ -143,6 +151,7 @@ def evaluate(
     allow_training_seeds: bool = False,
     allow_training_prompts: bool = False,
     overwrite: bool = False,
+    batch_size: int = 8,
 ) -> dict[str, Any]:
     """Score methods and the raw prompt (and best-of-N) with several rewards; write report.md and metrics.json.
 
@@ -165,7 +174,9 @@ def evaluate(
         allow_training_seeds: evaluate on seeds used in optimisation too (flagged in the outputs).
         allow_training_prompts: evaluate prompt-batch tokens on their training prompts (flagged).
         overwrite: write into a non-empty `out`.
+        batch_size: images per pipeline call, and per reward call (lower it if the device runs out of memory).
     """
+    check_batch_size(batch_size)
     check_output_folder(out, overwrite, "ipgo.evaluate")
     named = _parse_methods(methods)
     token_files = {name: load_tokens(path) for name, path in named.items()}
@@ -222,16 +233,16 @@ def evaluate(
 
     renders = len(prompt_list) * len(seed_list) * (1 + len(token_files) + max(n - 1, 0))
     with progress_bar(renders, "ipgo.evaluate") as progress:
-        raw = render(pipe, first, prompt_list, seed_list, False, progress)
+        raw = render(pipe, first, prompt_list, seed_list, False, progress, batch_size)
         images = {"raw": raw}
-        scores = {"raw": score(reward, raw, prompt_list)}
+        scores = {"raw": score(reward, raw, prompt_list, batch_size)}
         for name, tokens in token_files.items():
-            images[name] = render(pipe, tokens, prompt_list, seed_list, True, progress)
-            scores[name] = score(reward, images[name], prompt_list)
+            images[name] = render(pipe, tokens, prompt_list, seed_list, True, progress, batch_size)
+            scores[name] = score(reward, images[name], prompt_list, batch_size)
         chosen: dict[tuple[int, int], int] = {}
         if n:
             images[f"best_of_{n}"], scores[f"best_of_{n}"], chosen = _best_of_n(
-                pipe, first, reward, prompt_list, seed_list, n, selector, raw, scores["raw"], progress
+                pipe, first, reward, prompt_list, seed_list, n, selector, raw, scores["raw"], progress, batch_size
             )
 
     metrics = _metrics(named, token_files, scores, flags, prompt_list, seed_list, chosen, tie_tolerance, bootstrap)
@@ -320,8 +331,8 @@ def _prompts(path: str | None, column: str | None, token_files: dict[str, TokenF
 
 
 def _best_of_n(pipe: Any, tokens: TokenFile, reward: CombinedReward, prompts: list[str], seeds: list[int], n: int,
-               selector: str, raw: Tensor, raw_scores: dict[str, Tensor], progress: tqdm | None = None
-               ) -> tuple[Tensor, dict[str, Tensor], dict[tuple[int, int], int]]:
+               selector: str, raw: Tensor, raw_scores: dict[str, Tensor], progress: tqdm | None = None,
+               batch_size: int = 8) -> tuple[Tensor, dict[str, Tensor], dict[tuple[int, int], int]]:
     """Per (prompt, seed): the best by `selector` of the raw prompt's image on the seed itself (the raw method's
     very image and scores, so a pick of it is an exact tie) and on N - 1 more seeds."""
     rows, row_scores, chosen = [], {name: torch.zeros(len(prompts), len(seeds)) for name in reward.names}, {}
@@ -332,8 +343,8 @@ def _best_of_n(pipe: Any, tokens: TokenFile, reward: CombinedReward, prompts: li
             images = raw[i : i + 1, j : j + 1]
             candidate_scores = {name: values[i : i + 1, j : j + 1] for name, values in raw_scores.items()}
             if n > 1:
-                more = render(pipe, tokens, [prompt], candidates[1:], False, progress)  # (1, n - 1, 3, H, W)
-                more_scores = score(reward, more, [prompt])
+                more = render(pipe, tokens, [prompt], candidates[1:], False, progress, batch_size)  # (1, n - 1, ...)
+                more_scores = score(reward, more, [prompt], batch_size)
                 images = torch.cat([images, more], dim=1)
                 candidate_scores = {name: torch.cat([values, more_scores[name]], dim=1)
                                     for name, values in candidate_scores.items()}

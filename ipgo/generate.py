@@ -41,6 +41,9 @@ from ipgo.sampling import make_scheduler
 PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
 
 
+MAX_SEED = 2**32
+
+
 class SeedError(UserError, ValueError):
     """Seeds that cannot be read, or that were used in training."""
 
@@ -53,6 +56,8 @@ def parse_seeds(text: str) -> list[int]:
         if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
             raise SeedError(f"cannot read the seeds {text!r}: use a range like 0-7, a list like 1,4,9, or both")
         low, high = int(match.group(1)), int(match.group(2) or match.group(1))
+        if high >= MAX_SEED:  # torch's generators take 64 bits, and best-of-N derives its candidates' seeds from these
+            raise SeedError(f"the seed {high} is too large: give seeds below 2**32 ({MAX_SEED})")
         seeds += range(low, high + 1)
     if len(set(seeds)) != len(seeds):
         raise SeedError(f"the seeds {text!r} repeat a seed")
@@ -138,6 +143,11 @@ class Renders:
     tuned: Tensor
 
 
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UserError(f"batch_size={batch_size}: give the number of images per pipeline call, at least 1")
+
+
 def progress_bar(total: int, command: str) -> tqdm:
     """The images a command renders, counted on stderr (the pipeline's own per-call bar is off)."""
     return tqdm(total=total, desc=command, unit="image", dynamic_ncols=True)
@@ -145,8 +155,9 @@ def progress_bar(total: int, command: str) -> tqdm:
 
 @torch.no_grad()
 def render(pipe: Any, tokens: TokenFile, prompts: Sequence[str], seeds: Sequence[int], tuned: bool = True,
-           progress: tqdm | None = None) -> Tensor:
-    """Images (len(prompts), len(seeds), 3, H, W) from `pipe` on the given seeds, with or without the tokens;
+           progress: tqdm | None = None, batch_size: int = 8) -> Tensor:
+    """Images (len(prompts), len(seeds), 3, H, W) from `pipe` on the given seeds, with or without the tokens, at most
+    `batch_size` images per pipeline call (each has its own generator, so the batching does not change them);
     `progress` counts them as they are rendered."""
     settings = sampler_settings(tokens)
     # SD 3: raw prompts too are encoded at the T5 length the tokens were trained with.
@@ -158,14 +169,18 @@ def render(pipe: Any, tokens: TokenFile, prompts: Sequence[str], seeds: Sequence
     rows = []
     try:
         for prompt in prompts:
-            images = pipe(
-                [prompt] * len(seeds), generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
-                num_inference_steps=settings["num_steps"], guidance_scale=settings["guidance_scale"],
-                height=settings["height"], width=settings["width"], output_type="pt", **family_settings,
-            ).images
-            rows.append(images.float().cpu())
-            if progress is not None:
-                progress.update(len(seeds))
+            row = []
+            for start in range(0, len(seeds), batch_size):
+                chunk = seeds[start:start + batch_size]
+                images = pipe(
+                    [prompt] * len(chunk), generator=[torch.Generator().manual_seed(int(s)) for s in chunk],
+                    num_inference_steps=settings["num_steps"], guidance_scale=settings["guidance_scale"],
+                    height=settings["height"], width=settings["width"], output_type="pt", **family_settings,
+                ).images
+                row.append(images.float().cpu())
+                if progress is not None:
+                    progress.update(len(chunk))
+            rows.append(torch.cat(row))
     finally:  # a failed render leaves no tokens on the caller's pipeline
         remove_tokens(pipe)
     return torch.stack(rows)
@@ -222,6 +237,7 @@ def generate(
     dtype: str | None = None,
     allow_training_seeds: bool = False,
     overwrite: bool = False,
+    batch_size: int = 8,
 ) -> Renders:
     """Render raw and tuned prompts on the same seeds.
 
@@ -237,7 +253,9 @@ def generate(
         allow_training_seeds: allow seeds the tokens were trained on (recorded in images.json).
         overwrite: write into a non-empty `out` (the images of an earlier generate there are removed once the new
             ones are written).
+        batch_size: images per pipeline call (lower it if the device runs out of memory).
     """
+    check_batch_size(batch_size)
     check_output_folder(out, overwrite, "ipgo.generate")
     earlier = earlier_renders(Path(out))
     token_file = load_tokens(tokens)
@@ -254,8 +272,9 @@ def generate(
     pipe = load_pipeline(token_file, model, device, dtype)
     check_tokens(pipe, token_file)
     with progress_bar(2 * len(prompt_list) * len(seed_list), "ipgo.generate") as progress:
-        renders = Renders(prompt_list, seed_list, render(pipe, token_file, prompt_list, seed_list, False, progress),
-                          render(pipe, token_file, prompt_list, seed_list, True, progress))
+        renders = Renders(prompt_list, seed_list,
+                          render(pipe, token_file, prompt_list, seed_list, False, progress, batch_size),
+                          render(pipe, token_file, prompt_list, seed_list, True, progress, batch_size))
     manifest = save_renders(renders, Path(out), {"tokens": str(tokens), "training_seeds_used": flagged})
     written = {(Path(out) / entry["file"]).resolve() for entry in manifest["images"]}
     for path in set(earlier) - written:

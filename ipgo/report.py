@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -89,11 +91,38 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
             "exported": module.select,
             "noise": module.seeds.policy,
         }
+    summary, non_finite = _finite(summary)
+    if non_finite:  # the tokens are saved: the run is kept, and the gaps are said
+        warnings.warn(f"{non_finite} figures of the run summary are NaN or infinite (written as null, shown as n/a): a "
+                      "reward or judge failed on the before/after renders. With float16 weights this is usually an "
+                      "overflow (the SD VAE's): judge the tokens with ipgo.evaluate --dtype float32", stacklevel=2)
     text = summary_markdown(summary)
     write_text(run_dir / "summary.md", text)
-    write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")  # last: it marks a finished run
+    # last: it marks a finished run
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     print("\n" + text)
     return summary
+
+
+def _finite(value: Any) -> tuple[Any, int]:
+    """`value` with every NaN or infinite float replaced by None (strict JSON has no NaN), and how many were."""
+    if isinstance(value, float):
+        return (value, 0) if math.isfinite(value) else (None, 1)
+    if isinstance(value, dict):
+        pairs = {key: _finite(item) for key, item in value.items()}
+        return {key: item for key, (item, _) in pairs.items()}, sum(count for _, count in pairs.values())
+    if isinstance(value, list):
+        pairs = [_finite(item) for item in value]
+        return [item for item, _ in pairs], sum(count for _, count in pairs)
+    return value, 0
+
+
+def _figure(value: float | None, sign: bool = False) -> str:
+    return "n/a" if value is None else f"{value:+.4f}" if sign else f"{value:.4f}"
+
+
+def _change(before: float | None, after: float | None) -> str:
+    return _figure(None if before is None or after is None else after - before, sign=True)
 
 
 def summary_markdown(summary: dict) -> str:
@@ -110,20 +139,21 @@ def summary_markdown(summary: dict) -> str:
     ]
     for row in summary["per_prompt"]:
         shown = row["prompt"] if len(row["prompt"]) <= 50 else row["prompt"][:47] + "..."
-        lines.append(f"| {shown} | {row['before']:.4f} | {row['after']:.4f} | {row['change']:+.4f} |")
+        lines.append(f"| {shown} | {_figure(row['before'])} | {_figure(row['after'])} | "
+                     f"{_figure(row['change'], sign=True)} |")
     if "mean_before" in summary:
-        change = summary["mean_after"] - summary["mean_before"]
-        lines.append(f"| **mean** | {summary['mean_before']:.4f} | {summary['mean_after']:.4f} | {change:+.4f} |")
+        before, after = summary["mean_before"], summary["mean_after"]
+        lines.append(f"| **mean** | {_figure(before)} | {_figure(after)} | {_change(before, after)} |")
     for name, judge in summary.get("judges", {}).items():
-        change = judge["after"] - judge["before"]
         lines += ["", f"Judge `{name}` (not optimised), mean over the same {judge['images']} renders: "
-                  f"before {judge['before']:.4f}, after {judge['after']:.4f} ({change:+.4f})."]
+                  f"before {_figure(judge['before'])}, after {_figure(judge['after'])} "
+                  f"({_change(judge['before'], judge['after'])})."]
     if "train" in summary:
         train = summary["train"]
         lines += ["", f"Optimisation (training seeds {train['seeds']}, mean over prompts): reward at the first "
-                  f"step {train['first_step_mean']:.4f}, at the last step (scored before its update) "
-                  f"{train['last_step_mean']:.4f}, at the best step {train['best_step_mean']:.4f}; exported tokens: "
-                  f"{train['exported']}."]
+                  f"step {_figure(train['first_step_mean'])}, at the last step (scored before its update) "
+                  f"{_figure(train['last_step_mean'])}, at the best step {_figure(train['best_step_mean'])}; exported "
+                  f"tokens: {train['exported']}."]
         if train.get("noise") == "fresh":
             lines[-1] += (" Each step was scored on fresh noise, so the best step's reward is partly the luck of its "
                           "noise: the held-out figures above are the measure.")

@@ -35,10 +35,17 @@ def run(tmp_path_factory, ipgo_cache):
     patch.undo()
 
 
-def test_generate_matches_the_modules_render(run, tmp_path, capsys):
+def test_generate_matches_the_modules_render(run, tmp_path, capsys, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
     run_dir, module = run
-    renders = generate(str(run_dir), seeds="1000-1002", out=str(tmp_path))
+    calls = []
+    call = StableDiffusionPipeline.__call__
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__",
+                        lambda pipe, prompt, **kwargs: calls.append(len(prompt)) or call(pipe, prompt, **kwargs))
+    renders = generate(str(run_dir), seeds="1000-1002", out=str(tmp_path), batch_size=2)
     assert renders.tuned.shape == (2, 3, 3, 32, 32)
+    assert calls == [2, 1] * 4  # at most batch_size images per call: raw and tuned, 2 prompts each
     progress = capsys.readouterr().err  # the renders are counted: raw and tuned, 2 prompts x 3 seeds each
     assert "ipgo.generate: 100%" in progress and "12/12" in progress
     from ipgo.export import load_tokens
@@ -166,6 +173,9 @@ def test_bad_input_gives_clear_messages(run, tmp_path, capsys):
          "made for a 'sd' model"),
         (generate_cli, ["--tokens", str(tmp_path / "empty")], "tokens.safetensors"),
         (generate_cli, ["--tokens", str(run_dir), "--seeds", "7-3"], "cannot read the seeds '7-3'"),
+        (generate_cli, ["--tokens", str(run_dir), "--seeds", str(2**64)], "give seeds below 2**32"),
+        (generate_cli, ["--tokens", str(run_dir), "--seeds", "1000", "--batch_size", "0"],
+         "batch_size=0: give the number of images per pipeline call"),
         (evaluate_cli, ["--methods", f"[ipgo={run_dir}]", "--rewards", "[{name: clipscore}]"],
          "unknown reward 'clipscore'"),
         (evaluate_cli, ["--methods", f"[{run_dir}]", "--rewards", "[{name: clip_score}]"], "write NAME=PATH"),

@@ -230,3 +230,21 @@ def test_summary_says_what_the_training_figures_are():
     summary["seeds"] = [5, 6]
     assert "the left 2 images are the raw prompt, the right 2 the prompt with the tokens, on the same seeds." in \
         summary_markdown(summary)
+
+
+def test_a_summary_with_non_finite_scores_is_written_as_strict_json_with_a_warning(tiny_sd_dir, tiny_clip_dir,
+                                                                                   tmp_path):
+    """The tokens are saved before the before/after renders are scored: a reward that fails on those (a float16
+    overflow) leaves a finished run whose gaps are null in summary.json, n/a in summary.md, and said."""
+    from ipgo.report import write_run_outputs
+
+    module = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch")
+    module.prepare(PROMPTS)
+    score = module.reward._score
+    module.reward._score = lambda images, prompts: score(images, prompts).masked_fill(torch.tensor(True), torch.inf)
+    with pytest.warns(UserWarning, match="figures of the run summary are NaN or infinite"):
+        write_run_outputs(module, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert summary["per_prompt"][0]["after"] is None and summary["mean_before"] is None
+    assert "| n/a | n/a | n/a |" in (tmp_path / "summary.md").read_text()
+    assert load_tokens(tmp_path).prefix.isfinite().all()
