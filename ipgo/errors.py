@@ -19,6 +19,10 @@ class NonFiniteRewardError(UserError, FloatingPointError):
     """A reward that came back NaN or infinite."""
 
 
+class NonFiniteGradientError(UserError, FloatingPointError):
+    """A finite reward whose gradient at the tokens is NaN or infinite."""
+
+
 @contextmanager
 def reported(program: str) -> Iterator[None]:
     """Turn a `UserError` into `program: error: message` on stderr and exit code 2."""

@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ipgo.backbones.base import Backbone, TooLong, check_prompt_lengths, model_fingerprint, portable_model_name
-from ipgo.errors import ConfigError, NonFiniteRewardError, UserError
+from ipgo.errors import ConfigError, NonFiniteGradientError, NonFiniteRewardError, UserError
 from ipgo.export import TokenFile
 from ipgo.files import atomic_path
 from ipgo.inject import Layout, conditioning, conformity
@@ -388,6 +388,7 @@ class IPGOModule(L.LightningModule):
             for step in range(self.trainer.max_epochs):
                 optimizer.zero_grad()
                 self._step_loss(prompts, index, step).backward()
+                self._check_finite_gradients(step)
                 if self.grad_clip is not None:
                     self.tokens.clip_grad_norm_per_set_(self.grad_clip)
                 optimizer.step()
@@ -458,7 +459,21 @@ class IPGOModule(L.LightningModule):
                 + hint
             )
 
+    def _check_finite_gradients(self, step: int) -> None:
+        """Refuse a step that would write NaN into tokens (and then into the checkpoint), naming the prompt."""
+        bad = self.tokens.non_finite_gradients()
+        if bad:
+            whose = f"of prompt {self.prompts[bad[0]]!r}" if self.prompt_wise else "of the shared tokens"
+            hint = ("With float16 weights this is usually an overflow in the backward pass: use backbone dtype "
+                    "bfloat16 or float32." if self.backbone.dtype == torch.float16 else
+                    "Try a lower learning rate or grad_clip, or a reward whose gradient stays finite.")
+            raise NonFiniteGradientError(
+                f"the gradient of the tokens {whose} is NaN or infinite in epoch {step} (its reward was finite), so "
+                f"the step was not taken and the tokens and last checkpoint are as before. {hint}"
+            )
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._check_finite_gradients(self.current_epoch)
         if self.grad_clip is not None:
             norms = self.tokens.clip_grad_norm_per_set_(self.grad_clip)
             if norms.numel():

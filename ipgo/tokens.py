@@ -215,6 +215,11 @@ class TokenSets(nn.Module):
         ]
         return torch.stack(norms) if norms else torch.zeros(0)
 
+    def non_finite_gradients(self) -> list[int]:
+        """The sets whose gradient holds a NaN or infinite value."""
+        return [i for i, s in enumerate(self.sets)
+                if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in s.parameters())]
+
     def num_trainable(self) -> int:
         """Number of trainable scalars over all sets."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -6,7 +6,7 @@ import torch
 
 from ipgo.backbones import StableDiffusion
 from ipgo.data import PromptDataModule
-from ipgo.errors import ConfigError, UserError
+from ipgo.errors import ConfigError, NonFiniteGradientError, UserError
 from ipgo.export import load_tokens
 from ipgo.module import IPGOModule, NonFiniteRewardError, SeedConfig
 from ipgo.rewards import ClipScore, CombinedReward, RewardTerm
@@ -200,6 +200,20 @@ def test_nan_reward_is_a_clear_error(tiny_sd_dir, tiny_clip_dir, tmp_path):
     with pytest.raises(NonFiniteRewardError,
                        match="NaN or infinite for prompt 'a red circle on the left' in epoch 0. .* diverged"):
         module.training_step({"prompt": PROMPTS, "index": torch.arange(3)}, 0)
+
+
+def test_a_non_finite_gradient_stops_the_run_before_the_step(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    """A finite reward with an infinite gradient (sqrt at 0) would make Adam write NaN into the tokens."""
+    module = make_module(tiny_sd_dir, tiny_clip_dir)
+    module.prepare(PROMPTS)
+    score = module.reward._score
+    module.reward._score = lambda images, prompts: score(images, prompts) + (images - images.detach()).sqrt().sum(
+        dim=(1, 2, 3))
+    before = [p.detach().clone() for p in module.tokens.parameters()]
+    with pytest.raises(NonFiniteGradientError, match="the gradient of the tokens of prompt 'a red circle on the "
+                                                     "left' is NaN or infinite in epoch 0 .* step was not taken"):
+        fit(module, PromptDataModule(prompt_file(tmp_path)), tmp_path, epochs=2)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.tokens.parameters()))
 
 
 def test_fresh_seeds_change_per_epoch_and_stay_reproducible():
