@@ -280,6 +280,13 @@ class IPGOModule(L.LightningModule):
                 "word, end): learn fewer tokens"
             )
         check_prompt_lengths(all_prompts, self.backbone.token_lengths(all_prompts), budget, reserved, self.too_long)
+        sampler = self.sampler_config
+        self.backbone.check_sampler(sampler.scheduler, sampler.height, sampler.width)
+        width = self.backbone.conditioning_width
+        if width is not None and self.token_config.rank > width:
+            raise ConfigError(f"model.tokens.rank {self.token_config.rank} exceeds the width {width} of "
+                              f"{self.backbone.model!r}'s conditioning states (E is D x rank, orthonormal): give a "
+                              f"rank of at most {width}")
         rewards = [reward for reward in (self.reward, self.judges) if reward is not None]
         for reward in rewards:
             reward.check(all_prompts, self.sampler_config.height, self.sampler_config.width)

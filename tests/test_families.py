@@ -112,6 +112,19 @@ def test_sd3_refuses_the_unpadded_layout_before_loading(ipgo_cache, tiny_clip_di
     assert module.backbone.transformer is None  # refused before the weights loaded
 
 
+def test_a_sampler_that_does_not_fit_the_model_is_refused_before_loading(ipgo_cache, tiny_clip_dir):
+    """From the model's configs: a diffusion scheduler for SD 3 (lms is SamplerConfig's default), and the other way."""
+    sd3 = make_module("sd3", ipgo_cache, tiny_clip_dir)
+    sd3.sampler_config = SamplerConfig(scheduler="lms", num_steps=3, height=32, width=32)
+    with pytest.raises(UserError, match="scheduler 'lms' does not fit a flow-matching model"):
+        sd3.prepare(["a cat"])
+    sd1 = make_module("sd1", ipgo_cache, tiny_clip_dir)
+    sd1.sampler_config = SamplerConfig(scheduler="flow_euler", num_steps=3, height=32, width=32)
+    with pytest.raises(UserError, match="flow_euler is for flow-matching models"):
+        sd1.prepare(["a cat"])
+    assert sd3.backbone.transformer is None and sd1.backbone.unet is None and not sd3.reward.loaded
+
+
 def test_sd3_checkpoints_of_the_earlier_conditioning_are_refused(ipgo_cache, tiny_clip_dir):
     """Earlier versions dropped the last T5 states for the tokens: their SD 3 checkpoints trained on another
     conditioning (their run description has no t5_states)."""

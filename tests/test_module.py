@@ -133,6 +133,10 @@ def test_tokens_that_leave_no_room_for_a_prompt_are_refused_before_loading(tiny_
     with pytest.raises(ConfigError, match="75 learned tokens .* leave 2 of the text encoder's 77 positions"):
         module.prepare(["a cat"])
     assert module.backbone.unet is None
+    module.token_config = TokenConfig(n_prefix=2, n_suffix=2, rank=33)  # the tiny model's states are 32 wide
+    with pytest.raises(ConfigError, match="rank 33 exceeds the width 32 .* give a rank of at most 32"):
+        module.prepare(["a cat"])
+    assert module.backbone.unet is None and not module.reward.loaded
 
 
 def test_a_judge_that_cannot_score_the_prompts_is_refused_before_loading(tiny_sd_dir, tiny_clip_dir):

@@ -394,7 +394,37 @@ class Backbone(nn.Module, ABC):
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self._loaded(self.vae).config.block_out_channels) - 1)
+        return 2 ** (len(self.part_config("vae")["block_out_channels"]) - 1)
+
+    def part_config(self, part: str) -> dict[str, Any]:
+        """The config of a component ("vae", "unet", "transformer"): the loaded one's, or its config.json read
+        without weights."""
+        loaded = getattr(self, part, None)
+        if loaded is not None:
+            return dict(loaded.config)
+        from diffusers import AutoencoderKL  # any ConfigMixin reads a subfolder's config.json
+
+        try:
+            return dict(AutoencoderKL.load_config(self.source, subfolder=part, revision=self.revision))
+        except OSError as error:
+            raise load_error(self.model, f"{part} config", error) from error
+
+    @property
+    def conditioning_width(self) -> int | None:
+        """Width D of the states the denoiser attends to (the learned tokens' width), from its config."""
+        config = self.part_config(self.denoiser_part)
+        width = config.get("joint_attention_dim") or config.get("cross_attention_dim")
+        return width if isinstance(width, int) else None
+
+    def check_sampler(self, scheduler: str, height: int, width: int) -> None:
+        """Refuse a scheduler or an image size that does not fit the model, from its configs (before any weights
+        load)."""
+        from ipgo.sampling import make_scheduler
+
+        if self._scheduler_config is None:
+            self._load_configs()
+        make_scheduler(scheduler, self.scheduler_config)
+        self._check_size(height, width)
 
     def set_timesteps(self, scheduler: Any, num_steps: int, latent_shape: Sequence[int], device: torch.device) -> None:
         """Set `scheduler`'s timesteps for latents of `latent_shape`, as the family's pipeline does."""

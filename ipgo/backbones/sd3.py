@@ -124,7 +124,7 @@ class StableDiffusion3(Backbone):
 
     def _check_size(self, height: int, width: int) -> int:
         factor = super()._check_size(height, width)
-        patch = int(self._loaded(self.transformer).config.patch_size)
+        patch = int(self.part_config("transformer")["patch_size"])
         if (height // factor) % patch or (width // factor) % patch:
             raise ConfigError(f"model.sampler.height and width must be multiples of {factor * patch} for "
                               f"{self.model!r} (VAE factor {factor} x the transformer's patch size {patch})")
