@@ -65,6 +65,20 @@ def test_the_prompt_cache_stays_bounded_and_serves_every_batch():
     assert list(cache) == ["a", "ccc", "dddd", "eeeee"]  # "bb", the oldest not in the batch, made room
 
 
+def test_the_prompt_cache_holds_fewer_wide_states(tiny_backbone, monkeypatch):
+    """Its size follows the states' width and length: 4,096 prompts of SD 3's states would fill 22 GB of host memory
+    per process."""
+    from ipgo.backbones import base
+
+    assert tiny_backbone._cache_entries() == 4096  # 77 x 32 floats a prompt
+    monkeypatch.setattr(base, "ENCODING_CACHE_BYTES", 77 * 32 * 4 * 100)
+    assert tiny_backbone._cache_entries() == 100
+    tiny_backbone._cache.clear()
+    for start in range(0, 150, 50):
+        tiny_backbone.encode([f"a cat number {i}" for i in range(start, start + 50)])
+    assert len(tiny_backbone._cache) == 100
+
+
 def test_guidance_distilled_unets_are_refused(tiny_sd_dir, tmp_path):
     """LCM-style UNets need a guidance embedding and no classifier-free guidance: the sampler would run them wrong."""
     import json

@@ -24,6 +24,8 @@ from ipgo.caching import cached
 from ipgo.errors import ConfigError, UserError
 
 DType = Literal["float32", "float16", "bfloat16"]
+ENCODING_CACHE_BYTES = 2 * 2**30
+"""Host memory each process may hold in encoded prompts (see `Backbone.encode`)."""
 TooLong = Literal["error", "truncate"]
 
 
@@ -358,7 +360,7 @@ class Backbone(nn.Module, ABC):
             return [(hidden[i].cpu(), lengths[i], full, None if pooled is None else pooled[i].cpu())
                     for i, full in enumerate(self.token_lengths(missing))]
 
-        rows = cached(self._cache, [(p, budget, length) for p in prompts], encode_missing, limit=4096)
+        rows = cached(self._cache, [(p, budget, length) for p in prompts], encode_missing, limit=self._cache_entries())
         check_prompt_lengths(prompts, [row[2] for row in rows], budget, reserved, too_long)
         device, pooled_rows = self._device(), [row[3] for row in rows]
         return PromptEmbeds(
@@ -366,6 +368,12 @@ class Backbone(nn.Module, ABC):
             torch.tensor([row[1] for row in rows], device=device),
             None if pooled_rows[0] is None else torch.stack(pooled_rows).to(device),
         )
+
+    def _cache_entries(self) -> int:
+        """How many prompts' states the encoding cache keeps: 4,096, or fewer where they would pass
+        `ENCODING_CACHE_BYTES` (SD 3's 333 x 4,096 states are 5.5 MB a prompt in float32)."""
+        width = self.conditioning_width or 4096
+        return max(64, min(4096, ENCODING_CACHE_BYTES // (self.sequence_length * width * 4)))
 
     @abstractmethod
     def _encode_batch(self, prompts: list[str], budget: int) -> tuple[Tensor, list[int], Tensor | None]:
