@@ -250,17 +250,27 @@ def evaluate(
                            "selection_reward": selector if n else None, "best_of_n": n,
                            "best_of_n_matches_compute": matched, "bootstrap": bootstrap,
                            "tie_tolerance": tie_tolerance}
-    earlier = set(out_dir.glob("grid_*.png"))  # an earlier evaluation's (with --overwrite): other methods, maybe
+    earlier = _earlier_grids(out_dir)  # with --overwrite: an earlier evaluation's methods, maybe others
     for name, method_images in images.items():
         if name != "raw":
             earlier.discard(save_before_after(images["raw"], method_images, out_dir / f"grid_{name}.png"))
     for path in earlier:
-        path.unlink()
+        path.unlink(missing_ok=True)
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     report = report_markdown(metrics)
     write_text(out_dir / "report.md", report)
     print(report)
     return metrics
+
+
+def _earlier_grids(out: Path) -> set[Path]:
+    """The grids an earlier evaluation in `out` wrote, as its metrics.json names them (nothing else is removed)."""
+    try:
+        methods = json.loads((out / "metrics.json").read_text())["methods"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {out / f"grid_{name}.png" for name in methods if name != "raw" and "/" not in name} if isinstance(
+        methods, dict) else set()
 
 
 def _matched_or_none(tokens: TokenFile) -> int | None:

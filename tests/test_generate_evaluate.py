@@ -354,5 +354,7 @@ def test_prompts_too_long_for_the_tokens_are_refused_before_loading(run, tmp_pat
 def test_evaluate_overwrite_replaces_the_earlier_grids(run, tmp_path):
     run_dir, _ = run
     (tmp_path / "grid_gone.png").write_bytes(b"an earlier evaluation's method")
+    (tmp_path / "metrics.json").write_text(json.dumps({"methods": {"raw": {}, "gone": {}}}))
+    (tmp_path / "grid_mine.png").write_bytes(b"a user's file, which no evaluation wrote")
     evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1000", out=str(tmp_path), best_of_n="off", overwrite=True)
-    assert sorted(p.name for p in tmp_path.glob("grid_*.png")) == ["grid_ipgo.png"]
+    assert sorted(p.name for p in tmp_path.glob("grid_*.png")) == ["grid_ipgo.png", "grid_mine.png"]
