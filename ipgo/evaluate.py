@@ -9,8 +9,9 @@ flagged), and so are prompts a prompt-batch method was trained on. Beside the ra
 each method, a **best-of-N** baseline samples N candidates per (prompt, seed) with the raw
 prompt and keeps the one the *selection reward* (the one optimised) likes best; with
 `best_of_n: auto`, N is the number of sampler calls the first method's optimisation spent per
-prompt, so both spend the same sampling compute (IPGO's extra backward through K steps is
-not counted, which favours best-of-N).
+prompt, and best-of-N spends them at every evaluation seed: per prompt, IPGO's optimisation
+once against N renders at each of S seeds. IPGO's backward passes through K steps are not
+counted; at S > 1 seeds the match favours best-of-N.
 
 `metrics.json` (schema_version 2):
     settings: prompts, seeds, rewards, selection_reward, best_of_n, best_of_n_matches_compute, bootstrap,
@@ -406,7 +407,8 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         "errors are over prompt means.",
     ]
     if settings["best_of_n"]:
-        matching = ("matched sampling compute" if settings.get("best_of_n_matches_compute", True) else
+        matching = ("N = the optimisation's sampler calls per prompt, spent at every seed"
+                    if settings.get("best_of_n_matches_compute", True) else
                     "N given by hand: not matched to the optimisation's sampler calls per prompt")
         lines.append(f"best_of_{settings['best_of_n']}: the raw prompt's best of {settings['best_of_n']} samples "
                      f"by `{settings['selection_reward']}` ({matching}), its own seed's image among them.")

@@ -90,7 +90,8 @@ def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path, capsys):
     n = metrics["settings"]["best_of_n"]
     assert n == 2 and f"best_of_{n}" in metrics["methods"]
     assert metrics["settings"]["best_of_n_matches_compute"]
-    assert "(matched sampling compute)" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "(N = the optimisation's sampler calls per prompt, spent at every seed)" in report
     by_hand = evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1000", out=str(tmp_path / "by_hand"), best_of_n=1)
     assert not by_hand["settings"]["best_of_n_matches_compute"]
     assert "(N given by hand: not matched" in (tmp_path / "by_hand/report.md").read_text()

@@ -266,3 +266,12 @@ def test_a_summary_with_non_finite_scores_is_written_as_strict_json_with_a_warni
     assert summary["per_prompt"][0]["after"] is None and summary["mean_before"] is None
     assert "| n/a | n/a | n/a |" in (tmp_path / "summary.md").read_text()
     assert load_tokens(tmp_path).prefix.isfinite().all()
+
+
+def test_token_files_name_only_the_optimised_rewards(tiny_sd_dir, tiny_clip_dir):
+    """A weight-0 term is only logged: evaluate's best-of-N selects with the one optimised reward, not asking which."""
+    module = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch")
+    module.reward = build_reward([RewardSpec("clip_score", args={"model": str(tiny_clip_dir)}),
+                                  RewardSpec("shapes_oracle", weight=0.0)])
+    module.prepare(PROMPTS[:1])
+    assert json.loads(module.token_file().extra["rewards"]) == ["clip_score"]
