@@ -51,6 +51,10 @@ def check_output_folder(out: str | os.PathLike, overwrite: bool, command: str) -
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file, not a folder: choose a folder for {command}'s output")
+    ancestor = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):  # found now, not after the renders
+        why = "is a file" if not ancestor.is_dir() else "is not writable"
+        raise UserError(f"--out {folder}: {command} cannot write there ({ancestor} {why}); choose another --out")
     present = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
     if present and not overwrite:
         raise UserError(

@@ -317,6 +317,9 @@ def test_an_output_path_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(UserError, match="is a file, not a folder"):
         check_output_folder(tmp_path / "out", True, "ipgo.generate")
     assert (tmp_path / "out").read_text() == "mine"
+    with pytest.raises(UserError, match=r"ipgo.evaluate cannot write there \(.*out is a file\)"):  # before any render
+        check_output_folder(tmp_path / "out" / "evaluation", False, "ipgo.evaluate")
+    check_output_folder(tmp_path / "new" / "evaluation", False, "ipgo.evaluate")  # folders to be made are fine
 
 
 def test_prompts_too_long_for_the_tokens_are_refused_before_loading(run, tmp_path, monkeypatch):
