@@ -113,7 +113,7 @@ class TokenFile:
                 f"these tokens were learnt on {self.base_model!r}, and this pipeline's {' and '.join(differing)} "
                 f"weights differ from that model's{f' ({model!r})' if model else ''}: the tokens apply, but its "
                 "images will differ from those the tokens were optimised for. Load the base model to reproduce them.",
-                UserWarning, stacklevel=3)
+                UserWarning, stacklevel=1)  # issued here: shown once, not once per call of apply_tokens and its kin
 
 
 def save_tokens(path: str | os.PathLike, tokens: TokenFile) -> Path:

@@ -480,7 +480,8 @@ class IPGOModule(L.LightningModule):
             )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self._check_finite_gradients(self.current_epoch)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:  # a loss scaler skips such steps itself
+            self._check_finite_gradients(self.current_epoch)
         if self.grad_clip is not None:
             norms = self.tokens.clip_grad_norm_per_set_(self.grad_clip)
             if norms.numel():

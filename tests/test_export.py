@@ -173,11 +173,23 @@ def test_tokens_on_other_weights_of_the_same_kind_warn(tiny_sd_dir, tiny_clip_di
 
     tokens = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch").token_file()
     pipe = pipeline(tiny_sd_dir, "lms")
+    class Wrapped(torch.nn.Module):  # peft's naming for a layer with a LoRA adapter: the original is base_layer
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer, self.lora_A = base, torch.nn.Linear(base.in_features, 2, bias=False)
+
+        def forward(self, x):
+            return self.base_layer(x)
+
+    block = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         ipgo.token_embeds(pipe, tokens, "a cat")
         ipgo.token_embeds(pipe.to(torch.bfloat16), tokens, "a cat")
-    pipe.to(torch.float32)
+        pipe.to(torch.float32)
+        block.to_k = Wrapped(block.to_k)
+        ipgo.token_embeds(pipe, tokens, "a cat")  # read through to the base weights
+    block.to_k = block.to_k.base_layer
     with torch.no_grad():
         pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight.mul_(1.1)  # a "fine-tune"
     with pytest.warns(UserWarning, match="this pipeline's denoiser weights differ from that model's"):

@@ -125,6 +125,24 @@ def test_a_sampler_that_does_not_fit_the_model_is_refused_before_loading(ipgo_ca
     assert sd3.backbone.transformer is None and sd1.backbone.unet is None and not sd3.reward.loaded
 
 
+def test_sdxl_tokens_notice_a_change_of_the_text_encoder_layer_they_are_conditioned_on(ipgo_cache, tiny_clip_dir):
+    """SDXL takes the encoders' second-to-last states: its last layer has no effect on the tokens, that one has."""
+    import warnings
+
+    module = make_module("sdxl", ipgo_cache, tiny_clip_dir, mode="prompt-batch")
+    module.prepare(PROMPTS)
+    tokens = module.token_file()
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_path(ipgo_cache)))
+    projections = [m for name, m in pipe.text_encoder.named_modules() if name.endswith("mlp.fc2")]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        projections[-1].weight.add_(0.5)  # the conditioning does not change
+        ipgo.token_embeds(pipe, tokens, "a cat")
+        projections[-2].weight.add_(0.5)
+        with pytest.raises(UserWarning, match="text encoder weights differ"):
+            ipgo.token_embeds(pipe, tokens, "a cat")
+
+
 def test_sd3_checkpoints_of_the_earlier_conditioning_are_refused(ipgo_cache, tiny_clip_dir):
     """Earlier versions dropped the last T5 states for the tokens: their SD 3 checkpoints trained on another
     conditioning (their run description has no t5_states)."""

@@ -220,6 +220,22 @@ def test_a_non_finite_gradient_stops_the_run_before_the_step(tiny_sd_dir, tiny_c
     assert all(torch.equal(a, b) for a, b in zip(before, module.tokens.parameters()))
 
 
+def test_with_a_loss_scaler_a_non_finite_gradient_is_left_to_it(tiny_sd_dir, tiny_clip_dir):
+    """16-mixed precision: the scaler skips a step whose gradients overflowed and lowers its scale (routine early in
+    training); without one the step is refused."""
+    from types import SimpleNamespace
+
+    module = make_module(tiny_sd_dir, tiny_clip_dir, grad_clip=None)
+    module.prepare(PROMPTS)
+    for parameter in module.tokens.parameters():
+        parameter.grad = torch.full_like(parameter, torch.inf)
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()), current_epoch=0)
+    module.on_before_optimizer_step(None)
+    module._trainer.precision_plugin.scaler = None
+    with pytest.raises(NonFiniteGradientError):
+        module.on_before_optimizer_step(None)
+
+
 def test_fresh_seeds_change_per_epoch_and_stay_reproducible():
     seeds = SeedConfig(train=[0, 1], policy="fresh", eval=[5])
     first, again, later = seeds.for_items([0, 1], 0), seeds.for_items([0, 1], 0), seeds.for_items([0, 1], 1)

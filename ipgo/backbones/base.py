@@ -187,6 +187,8 @@ class Backbone(nn.Module, ABC):
     """Attribute names shared with the family's diffusers pipeline."""
     denoiser_part: ClassVar[str] = "unet"
     """The attribute holding the denoiser (UNet or transformer)."""
+    penultimate_states: ClassVar[bool] = False
+    """Whether the conditioning takes the CLIP encoders' second-to-last hidden states (SDXL, SD 3)."""
     tokenizer_parts: ClassVar[tuple[str, ...]]
     """The tokenizers `load_tokenizer` loads (the cheap parts needed to check prompts)."""
 
@@ -311,16 +313,21 @@ class Backbone(nn.Module, ABC):
         return part
 
     def weights_signature(self) -> dict[str, list[float]]:
-        """Sixteen values each of two weights the learned tokens meet: the text encoder's last MLP projection and the
-        denoiser's first cross-attention key projection. Token files record them, so tokens used with other weights
-        of the same family and width (a fine-tune, another checkpoint) are noticed. Empty for weights not in memory
-        (offloaded to the meta device)."""
+        """Sixteen values each of two weights the learned tokens meet: the MLP output projection of the text
+        encoder's layer whose states condition the denoiser (the last, or the second-to-last for families that take
+        penultimate states) and the denoiser's first cross-attention key projection. Token files record them, so
+        tokens used with other weights of the same family and width (a fine-tune, a fused LoRA, another checkpoint)
+        are noticed. A layer wrapped by a LoRA adapter is read through to its base weights (an unfused adapter is not
+        noticed). Empty for weights not in memory (offloaded to the meta device) or layers not found."""
         text_encoder, denoiser = self._loaded(self.text_encoder), self._loaded(getattr(self, self.denoiser_part))
-        text_weights = [w for key, w in text_encoder.named_parameters() if key.endswith("fc2.weight")]
-        key_weights = [w for key, w in denoiser.named_parameters() if key.endswith(("attn2.to_k.weight",
-                                                                                    "add_k_proj.weight"))]
+        projections = [m for name, m in text_encoder.named_modules() if name.endswith("mlp.fc2")]
+        keys = [m for name, m in denoiser.named_modules() if name.endswith(("attn2.to_k", "attn.add_k_proj"))]
+        layer = -2 if self.penultimate_states else -1
+        if len(projections) < -layer or not keys:
+            return {}
         signature = {}
-        for name, weight in (("text_encoder", text_weights[-1]), ("denoiser", key_weights[0])):
+        for name, module in (("text_encoder", projections[layer]), ("denoiser", keys[0])):
+            weight = getattr(module, "base_layer", module).weight  # peft's LoRA layers keep the original as base_layer
             if weight.device.type == "meta":
                 return {}
             picks = torch.linspace(0, weight.numel() - 1, 16).round().long().to(weight.device)

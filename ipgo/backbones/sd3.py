@@ -33,6 +33,7 @@ class StableDiffusion3(Backbone):
     """
 
     family: ClassVar[str] = "sd3"
+    penultimate_states: ClassVar[bool] = True
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     denoiser_part: ClassVar[str] = "transformer"
     pipeline_parts: ClassVar[tuple[str, ...]] = (
@@ -83,9 +84,9 @@ class StableDiffusion3(Backbone):
 
     def _encode_batch(self, prompts: list[str], budget: int) -> tuple[Tensor, list[int], Tensor | None]:
         first, lengths, pooled_1 = encode_clip(self.tokenizer, self._loaded(self.text_encoder), prompts, budget,
-                                               self.max_length, self._device(), penultimate=True)
+                                               self.max_length, self._device(), penultimate=self.penultimate_states)
         second, _, pooled_2 = encode_clip(self.tokenizer_2, self.text_encoder_2, prompts, budget, self.max_length,
-                                          self._device(), penultimate=True)
+                                          self._device(), penultimate=self.penultimate_states)
         t5 = self._t5(prompts, first.dtype)
         clip = F.pad(torch.cat([first, second], dim=-1), (0, t5.shape[-1] - first.shape[-1] - second.shape[-1]))
         return torch.cat([clip, t5], dim=-2), lengths, torch.cat([pooled_1, pooled_2], dim=-1)

@@ -29,6 +29,7 @@ class StableDiffusionXL(Backbone):
     """
 
     family: ClassVar[str] = "sdxl"
+    penultimate_states: ClassVar[bool] = True
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     pipeline_parts: ClassVar[tuple[str, ...]] = (
         "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "unet", "vae"
@@ -66,11 +67,11 @@ class StableDiffusionXL(Backbone):
             self.vae.enable_gradient_checkpointing()
 
     def _encode_batch(self, prompts: list[str], budget: int) -> tuple[Tensor, list[int], Tensor | None]:
-        device = self._device()
+        device, penultimate, convert = self._device(), self.penultimate_states, self._convert_prompt
         first, lengths, _ = encode_clip(self.tokenizer, self._loaded(self.text_encoder), prompts, budget,
-                                        self.max_length, device, penultimate=True, convert=self._convert_prompt)
+                                        self.max_length, device, penultimate=penultimate, convert=convert)
         second, lengths_2, pooled = encode_clip(self.tokenizer_2, self.text_encoder_2, prompts, budget,
-                                                self.max_length, device, penultimate=True, convert=self._convert_prompt)
+                                                self.max_length, device, penultimate=penultimate, convert=convert)
         if lengths != lengths_2:
             raise UserError("SDXL's two tokenizers split a prompt differently (a textual-inversion token loaded into "
                             "only one of them?): ipgo's tokens need both encoders to see the same prompt positions")
