@@ -15,7 +15,9 @@ the text encoder's *output* space of width D. Each side is parameterised as
                rotations, so R is orthogonal: it turns a token, never changes its norm.
     c          an optional free bias (the published notebook has one)
 
-Angles need no constraint (R is 2*pi periodic). Many independent token sets (prompt-wise
+Angles need no constraint (R is 2*pi periodic) and start at 0 (R = I; E is random already, so a
+random first rotation would add nothing; the notebook draws them in [-pi, pi], but its rotation
+never ran). Many independent token sets (prompt-wise
 optimisation) are computed in one batched call by stacking their parameters.
 """
 
@@ -48,7 +50,7 @@ class TokenConfig:
     bound: float = 1.0
     """Range b of the coefficients: every z stays in [-b, b]."""
     rotation_angles: int = 2
-    """Angles per token of the rotation R (0 turns the rotation off)."""
+    """Angles per token of the rotation R (0 turns the rotation off); they start at 0, R = I."""
     bias: bool = False
     """Add a free bias vector to each side's tokens (the notebook does)."""
     init: InitKind = "uniform"
