@@ -16,6 +16,7 @@ from torchvision.utils import make_grid
 from ipgo.export import load_tokens, save_tokens
 from ipgo.files import atomic_path, write_text
 from ipgo.rewards.combine import frozen_statistics
+from ipgo.tokens import TokenSets
 
 if TYPE_CHECKING:
     from ipgo.module import IPGOModule
@@ -41,23 +42,27 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
     held_out = list(module.val_prompts)
     prompts = (held_out or list(module.prompts))[: module.report_prompts]
     seeds = list(module.seeds.eval)
-    rows, before_scores, after_scores = [], [], []
+    # the tokens before the first step: what adding tokens at all does, apart from what optimising them does
+    initial = TokenSets.initial(module.token_config, tokens.hidden_size,
+                                range(len(prompts)) if module.prompt_wise else [0]).to(module.device)
+    rows, scores = [], {"before": [], "start": [], "after": []}
     judged: dict[str, dict[str, list[float]]] = {}
-    for start in range(0, len(prompts), 4):
-        chunk = prompts[start : start + 4]
-        before = module.render(chunk, seeds)
+    for first in range(0, len(prompts), 4):
+        chunk = prompts[first : first + 4]
         p, s = tokens.tokens_for(chunk)
-        after = module.render(chunk, seeds, p.to(module.device), s.to(module.device))
+        with torch.no_grad():
+            p0, s0 = initial(range(first, first + len(chunk)) if module.prompt_wise else [0] * len(chunk))
+        images = {"before": module.render(chunk, seeds), "start": module.render(chunk, seeds, p0, s0),
+                  "after": module.render(chunk, seeds, p.to(module.device), s.to(module.device))}
         repeated = [q for q in chunk for _ in seeds]
-        with torch.no_grad(), frozen_statistics(module.reward):  # before and after on one scale
-            before_scores += module.reward(before, repeated).view(len(chunk), -1).mean(1).tolist()
-            after_scores += module.reward(after, repeated).view(len(chunk), -1).mean(1).tolist()
-            if module.judges is not None:
-                for when, images in (("before", before), ("after", after)):
-                    module.judges(images, repeated)
-                    for name, scores in module.judges.components.items():
-                        judged.setdefault(name, {"before": [], "after": []})[when] += scores.float().tolist()
-        rows.append((before.unflatten(0, (len(chunk), len(seeds))), after.unflatten(0, (len(chunk), len(seeds)))))
+        with torch.no_grad(), frozen_statistics(module.reward):  # all on one scale
+            for when, rendered in images.items():
+                scores[when] += module.reward(rendered, repeated).view(len(chunk), -1).mean(1).tolist()
+                if module.judges is not None:
+                    module.judges(rendered, repeated)
+                    for name, values in module.judges.components.items():
+                        judged.setdefault(name, {key: [] for key in scores})[when] += values.float().tolist()
+        rows.append(tuple(images[when].unflatten(0, (len(chunk), len(seeds))) for when in ("before", "after")))
     if rows:
         befores, afters = zip(*rows)
         save_before_after(torch.cat(befores), torch.cat(afters), run_dir / "before_after.png")
@@ -69,18 +74,16 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
         "seeds": seeds,
         "seeds_are": "held out: never used in optimisation",
         "per_prompt": [
-            {"prompt": q, "before": b, "after": a, "change": a - b}
-            for q, b, a in zip(prompts, before_scores, after_scores)
+            {"prompt": q, "before": b, "start": s, "after": a, "change": a - b}
+            for q, b, s, a in zip(prompts, scores["before"], scores["start"], scores["after"])
         ],
-        "tokens": str(tokens_path),
+        "tokens": tokens_path.name,  # in the run folder
         "grid": "before_after.png" if rows else None,
     }
     if prompts:
-        summary["mean_before"] = sum(before_scores) / len(prompts)
-        summary["mean_after"] = sum(after_scores) / len(prompts)
+        summary.update({f"mean_{when}": sum(values) / len(prompts) for when, values in scores.items()})
     if judged:
-        summary["judges"] = {name: {"before": sum(v["before"]) / len(v["before"]),
-                                    "after": sum(v["after"]) / len(v["after"]), "images": len(v["after"])}
+        summary["judges"] = {name: {**{when: sum(v[when]) / len(v[when]) for when in v}, "images": len(v["after"])}
                              for name, v in judged.items()}
     if module.best is not None and torch.isfinite(module.best.reward).all():
         summary["train"] = {
@@ -134,20 +137,26 @@ def summary_markdown(summary: dict) -> str:
         f"({summary['seeds_are']}); mean over seeds. This is the optimised reward: judge with held-out "
         "rewards too (`ipgo.evaluate`).",
         "",
-        "| prompt | before | after | change |",
-        "|---|---:|---:|---:|",
+        "",
+        "Before: the raw prompt. Start: the tokens as initialised, before the first step (adding tokens at all). "
+        "After: the exported tokens. What the optimisation did is after against start.",
+        "",
+        "| prompt | before | start | after | change (after - before) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for row in summary["per_prompt"]:
         shown = row["prompt"] if len(row["prompt"]) <= 50 else row["prompt"][:47] + "..."
-        lines.append(f"| {shown} | {_figure(row['before'])} | {_figure(row['after'])} | "
+        lines.append(f"| {shown} | {_figure(row['before'])} | {_figure(row.get('start'))} | {_figure(row['after'])} | "
                      f"{_figure(row['change'], sign=True)} |")
     if "mean_before" in summary:
-        before, after = summary["mean_before"], summary["mean_after"]
-        lines.append(f"| **mean** | {_figure(before)} | {_figure(after)} | {_change(before, after)} |")
+        before, start, after = summary["mean_before"], summary.get("mean_start"), summary["mean_after"]
+        lines.append(f"| **mean** | {_figure(before)} | {_figure(start)} | {_figure(after)} | "
+                     f"{_change(before, after)} |")
     for name, judge in summary.get("judges", {}).items():
         lines += ["", f"Judge `{name}` (not optimised), mean over the same {judge['images']} renders: "
-                  f"before {_figure(judge['before'])}, after {_figure(judge['after'])} "
-                  f"({_change(judge['before'], judge['after'])})."]
+                  f"before {_figure(judge['before'])}, start {_figure(judge.get('start'))}, after "
+                  f"{_figure(judge['after'])} ({_change(judge['before'], judge['after'])} against before, "
+                  f"{_change(judge.get('start'), judge['after'])} against start)."]
     if "train" in summary:
         train = summary["train"]
         lines += ["", f"Optimisation (training seeds {train['seeds']}, mean over prompts): reward at the first "
@@ -157,7 +166,7 @@ def summary_markdown(summary: dict) -> str:
         if train.get("noise") == "fresh":
             lines[-1] += (" Each step was scored on fresh noise, so the best step's reward is partly the luck of its "
                           "noise: the held-out figures above are the measure.")
-    lines += ["", f"Tokens: `{summary['tokens']}`"]
+    lines += ["", f"Tokens: `{summary['tokens']}` (in the run folder)"]
     if summary["grid"]:
         n = len(summary["seeds"])
         left, right = (("the left image is", "the right one") if n == 1 else

@@ -176,6 +176,13 @@ class TokenSets(nn.Module):
         self.dim = dim
         self.sets = nn.ModuleList(PromptTokens(config, dim, seed=config.seed + k) for k in range(num_sets))
 
+    @classmethod
+    def initial(cls, config: TokenConfig, dim: int, set_ids: Sequence[int]) -> TokenSets:
+        """The sets `set_ids` of a `TokenSets(config, dim, ...)` as initialised, before any step, numbered 0, 1, ..."""
+        initial = cls(config, dim, 0)
+        initial.sets = nn.ModuleList(PromptTokens(config, dim, seed=config.seed + k) for k in set_ids)
+        return initial
+
     def __len__(self) -> int:
         return len(self.sets)
 

@@ -69,6 +69,15 @@ def test_prompt_wise_raises_each_prompts_reward(tiny_sd_dir, tiny_clip_dir, tmp_
                                rtol=0)
     torch.testing.assert_close(torch.tensor([row["after"] for row in summary["per_prompt"]]), after, atol=1e-5,
                                rtol=0)
+    # "start": the tokens as a fresh run initialises them, before its first step
+    from ipgo.tokens import TokenSets
+
+    with torch.no_grad():
+        initial = TokenSets(module.token_config, exported.hidden_size, len(PROMPTS))(range(2))
+    start = module.score(shown, module.seeds.eval, *initial).mean(1)
+    torch.testing.assert_close(torch.tensor([row["start"] for row in summary["per_prompt"]]), start, atol=1e-5,
+                               rtol=0)
+    assert not torch.allclose(start, after, atol=1e-6)  # six steps moved the tokens
     assert (tmp_path / "before_after.png").is_file()
 
 

@@ -183,6 +183,7 @@ def test_module_refuses_oracle_reward_and_reports_judges(tiny_sd_dir, tiny_clip_
         captions = [n for n in names for _ in module.seeds.eval]
         correct = [score(image, name).all_correct for image, name in zip(images, captions)]
         assert judge[when] == pytest.approx(sum(correct) / 4), when
+    assert judge["start"] == judge["after"]  # one step with select best exports the starting tokens
     assert judge["images"] == 4
     assert "Judge `shapes_oracle`" in (tmp_path / "summary.md").read_text()
 
