@@ -139,7 +139,12 @@ def main(args: list[str] | None = None) -> IPGOCLI:
         cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
     else:
         if checkpoint is not None:
-            check_checkpoint(cli, checkpoint)
+            done = check_checkpoint(cli, checkpoint)
+            max_epochs = cli.trainer.max_epochs
+            if (run_dir / "summary.json").exists() and max_epochs is not None and 0 <= max_epochs <= done:
+                raise UserError(f"{run_dir} holds a finished run ({done} epochs, summary.json): there is nothing to "
+                                f"resume. To optimise further, raise --trainer.max_epochs above {done} (its tokens and "
+                                "summary are then replaced); to start again, choose a new --trainer.default_root_dir")
         cli.trainer.fit(cli.model, datamodule=cli.datamodule,
                         ckpt_path=str(checkpoint) if checkpoint is not None else ckpt_path)
         if cli.trainer.is_global_zero and not (run_dir / "summary.json").exists():
@@ -180,14 +185,19 @@ def resumes_this_run(ckpt_path: str | None, checkpoint: Path | None, run_dir: Pa
     return checkpoint.resolve().is_relative_to(run_dir.resolve())
 
 
-def check_checkpoint(cli: IPGOCLI, path: Path) -> None:
-    """Refuse another run's checkpoint before any weights load. Memory-mapped: a prompt-wise checkpoint of many
-    prompts can hold gigabytes of optimiser state, of which only the run's description is read."""
+def check_checkpoint(cli: IPGOCLI, path: Path) -> int:
+    """Refuse another run's checkpoint before any weights load; returns the epochs it has done. Memory-mapped: a
+    prompt-wise checkpoint of many prompts can hold gigabytes of optimiser state, of which only the run's description
+    is read."""
     saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     run = saved.get("ipgo_run", {})
+    # saved at the end of a training epoch: "processed" counts it, "completed" not yet
+    done = int(saved.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+               .get("processed", saved.get("epoch", -1) + 1))
     del saved
     cli.datamodule.setup("fit")
     cli.model.check_checkpoint_run(run, cli.datamodule.train_prompts)
+    return done
 
 
 def refuse_used_folder(run_dir: Path) -> None:

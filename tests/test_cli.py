@@ -274,6 +274,11 @@ def test_a_run_whose_outputs_failed_is_finished_by_resuming(tmp_path, capsys, mo
     main([*QUICK, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(folder), "--ckpt_path", "last"])
     assert epochs == []  # nothing trained again: only the outputs written
     assert (folder / "summary.json").is_file() and (folder / "tokens.safetensors").is_file()
+    files = sorted(folder.rglob("*"))
+    with pytest.raises(SystemExit):  # finished now: resuming again has nothing to do, and writes nothing
+        run([*QUICK, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(folder), "--ckpt_path", "last"])
+    assert "holds a finished run (2 epochs, summary.json)" in capsys.readouterr().err
+    assert sorted(folder.rglob("*")) == files
     with pytest.raises(SystemExit):
         run([*QUICK, "--trainer.default_root_dir", str(tmp_path / "empty"), "--ckpt_path", "last"])
     assert "there is no" in capsys.readouterr().err
