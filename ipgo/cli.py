@@ -127,6 +127,8 @@ def main(args: list[str] | None = None) -> IPGOCLI:
     if cli.trainer.world_size > 1 and uses_running_statistics(cli.model.reward):
         raise ConfigError("normalize: running keeps its statistics per process, so the processes would scale the "
                           "reward differently: use normalize: fixed (offset, scale) or none with several devices")
+    cli.datamodule.setup("fit")  # the prompts' lengths and the like, before the loggers and config are written
+    cli.model.check_input(cli.datamodule.train_prompts, cli.datamodule.val_prompts)
     if cli.model.prompt_wise and cli.trainer.world_size > 1:
         # several processes: each optimises its own prompts with a local optimiser (see IPGOModule.predict_step)
         if ckpt_path is not None:

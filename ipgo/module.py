@@ -248,9 +248,20 @@ class IPGOModule(L.LightningModule):
         return self.mode == "prompt-wise"
 
     def prepare(self, train_prompts: Sequence[str], val_prompts: Sequence[str] = ()) -> None:
-        """Check every prompt against the tokenizer, then load the weights and build the tokens."""
+        """Check the input (`check_input`), then load the weights and build the tokens."""
         if self.tokens is not None:
             return
+        self.check_input(train_prompts, val_prompts)
+        for reward in (self.reward, self.judges):  # before the backbone: a missing reward model is reported early
+            if reward is not None:
+                reward.to(dtype=self.backbone.dtype)  # frozen weights follow the run's dtype
+                reward.load()
+        self.backbone.load()
+        self._build_tokens(train_prompts, val_prompts)
+
+    def check_input(self, train_prompts: Sequence[str], val_prompts: Sequence[str] = ()) -> None:
+        """Everything that can be checked without model weights (tokenizers and configs only): the prompts' lengths
+        beside the tokens, the sampler and token rank against the model, the rewards against the prompts."""
         if self.prompt_wise and val_prompts:
             raise ConfigError(
                 "prompt-wise tokens are made for their own prompts, so a validation split has nothing to "
@@ -287,13 +298,11 @@ class IPGOModule(L.LightningModule):
             raise ConfigError(f"model.tokens.rank {self.token_config.rank} exceeds the width {width} of "
                               f"{self.backbone.model!r}'s conditioning states (E is D x rank, orthonormal): give a "
                               f"rank of at most {width}")
-        rewards = [reward for reward in (self.reward, self.judges) if reward is not None]
-        for reward in rewards:
-            reward.check(all_prompts, self.sampler_config.height, self.sampler_config.width)
-        for reward in rewards:  # before the backbone: a missing reward model is reported without a long wait
-            reward.to(dtype=self.backbone.dtype)  # frozen weights follow the run's dtype
-            reward.load()
-        self.backbone.load()
+        for reward in (self.reward, self.judges):
+            if reward is not None:
+                reward.check(all_prompts, self.sampler_config.height, self.sampler_config.width)
+
+    def _build_tokens(self, train_prompts: Sequence[str], val_prompts: Sequence[str]) -> None:
         self.prompts = list(train_prompts)
         self.val_prompts = list(val_prompts)
         dim = self.backbone.hidden_size

@@ -353,7 +353,14 @@ class Backbone(nn.Module, ABC):
         texts = list(prompts)
         if self._convert_prompt is not None:
             texts = self._convert_prompt(texts, self.tokenizer)
-        return [len(ids) for ids in self.tokenizer(texts, truncation=False).input_ids]
+        from transformers.utils import logging as transformers_logging
+
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # its "longer than the maximum" warning: ipgo says it better
+        try:
+            return [len(ids) for ids in self.tokenizer(texts, truncation=False).input_ids]
+        finally:
+            transformers_logging.set_verbosity(verbosity)
 
     def encode(self, prompts: Sequence[str], reserved: int = 0, too_long: TooLong = "error") -> PromptEmbeds:
         """Encode prompts (each once, then cached), leaving `reserved` positions for learned tokens."""
