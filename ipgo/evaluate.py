@@ -49,6 +49,7 @@ from ipgo.export import TokenFile, check_prompts_fit, check_tokens, load_tokens
 from ipgo.files import check_output_folder, write_text
 from ipgo.generate import (
     check_batch_size,
+    check_device,
     check_held_out,
     load_pipeline,
     parse_seeds,
@@ -178,6 +179,7 @@ def evaluate(
         batch_size: images per pipeline call, and per reward call (lower it if the device runs out of memory).
     """
     check_batch_size(batch_size)
+    check_device(device)
     check_output_folder(out, overwrite, "ipgo.evaluate")
     named = _parse_methods(methods)
     token_files = {name: load_tokens(path) for name, path in named.items()}

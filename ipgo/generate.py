@@ -143,6 +143,17 @@ class Renders:
     tuned: Tensor
 
 
+def check_device(device: str) -> None:
+    """Refuse a device name torch does not know, or one this machine does not have, before any model loads."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise UserError(f"--device {device!r} is not a torch device ({error}); give e.g. cpu, cuda or cuda:1") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(kind, lambda: True)
+    if not available():
+        raise UserError(f"--device {device}: this machine has no {kind} device available to torch; use --device cpu")
+
+
 def check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size}: give the number of images per pipeline call, at least 1")
@@ -256,6 +267,7 @@ def generate(
         batch_size: images per pipeline call (lower it if the device runs out of memory).
     """
     check_batch_size(batch_size)
+    check_device(device)
     check_output_folder(out, overwrite, "ipgo.generate")
     earlier = earlier_renders(Path(out))
     token_file = load_tokens(tokens)

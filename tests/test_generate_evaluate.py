@@ -177,6 +177,10 @@ def test_bad_input_gives_clear_messages(run, tmp_path, capsys):
         (generate_cli, ["--tokens", str(run_dir), "--seeds", str(2**64)], "give seeds below 2**32"),
         (generate_cli, ["--tokens", str(run_dir), "--seeds", "1000", "--batch_size", "0"],
          "batch_size=0: give the number of images per pipeline call"),
+        (evaluate_cli, ["--methods", f"[ipgo={run_dir}]", "--rewards", "[{name: clip_score}]", "--device", "cdua"],
+         "--device 'cdua' is not a torch device"),
+        *([] if torch.cuda.is_available() else
+          [(generate_cli, ["--tokens", str(run_dir), "--device", "cuda"], "has no cuda device available")]),
         (evaluate_cli, ["--methods", f"[ipgo={run_dir}]", "--rewards", "[{name: clipscore}]"],
          "unknown reward 'clipscore'"),
         (evaluate_cli, ["--methods", f"[{run_dir}]", "--rewards", "[{name: clip_score}]"], "write NAME=PATH"),
