@@ -33,7 +33,9 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
     """Prompts from a .txt, .csv or .jsonl file, in file order."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise PromptFileError(f"prompt file {str(path)!r} does not exist: check the path")
+        where = "" if path.is_absolute() else (f" (relative paths are read from the current folder, {Path.cwd()}; "
+                                               "the shipped configs name theirs from the repository root)")
+        raise PromptFileError(f"prompt file {str(path)!r} does not exist{where}: check the path")
     suffix = path.suffix.lower()
     if suffix == ".txt":
         if column is not None:

@@ -137,7 +137,7 @@ def score(reward: CombinedReward, images: Tensor, prompts: Sequence[str], batch_
 
 
 def evaluate(
-    methods: list[str],
+    methods: list[str] | str,
     rewards: list[RewardSpec],
     seeds: str = "1000-1003",
     prompts: str | None = None,
@@ -158,7 +158,8 @@ def evaluate(
     """Score methods and the raw prompt (and best-of-N) with several rewards; write report.md and metrics.json.
 
     Args:
-        methods: NAME=PATH pairs: token files or run folders, e.g. ipgo=runs/demo.
+        methods: NAME=PATH pairs: token files or run folders, e.g. [ipgo=runs/demo, other=runs/b] (one may go
+            without brackets).
         rewards: rewards to score with, e.g. [{name: clip_score}, {name: aesthetic, args: {head: ...}}];
             include the optimised one and held-out ones.
         seeds: evaluation seeds, e.g. "1000-1003"; seeds used in optimisation are refused.
@@ -296,12 +297,14 @@ def _candidates(best_of_n: int | str, tokens: TokenFile) -> int:
         n = -1
     if n < 0:
         raise UserError(f"best_of_n={best_of_n!r}: give a number of candidates (0 for none), 'auto' or 'off'")
+    if n == 1:
+        raise UserError("best_of_n=1 would pick the raw prompt's own image: give 2 or more candidates, or 'off'")
     return n
 
 
-def _parse_methods(methods: list[str]) -> dict[str, str]:
+def _parse_methods(methods: list[str] | str) -> dict[str, str]:
     named = {}
-    for item in methods:
+    for item in [methods] if isinstance(methods, str) else methods:
         name, sep, path = item.partition("=")
         if not sep or not name or not path or name == "raw" or name.startswith("best_of_"):
             raise UserError(f"cannot read the method {item!r}: write NAME=PATH (NAME not 'raw' or 'best_of_*')")

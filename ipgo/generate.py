@@ -53,8 +53,10 @@ def parse_seeds(text: str) -> list[int]:
     seeds: list[int] = []
     for part in str(text).replace(" ", "").split(","):
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
+        if not match:
             raise SeedError(f"cannot read the seeds {text!r}: use a range like 0-7, a list like 1,4,9, or both")
+        if match.group(2) and int(match.group(2)) < int(match.group(1)):
+            raise SeedError(f"the seed range {part} runs backwards: write {match.group(2)}-{match.group(1)}")
         low, high = int(match.group(1)), int(match.group(2) or match.group(1))
         if high >= MAX_SEED:  # torch's generators take 64 bits, and best-of-N derives its candidates' seeds from these
             raise SeedError(f"the seed {high} is too large: give seeds below 2**32 ({MAX_SEED})")
@@ -287,7 +289,9 @@ def generate(
         renders = Renders(prompt_list, seed_list,
                           render(pipe, token_file, prompt_list, seed_list, False, progress, batch_size),
                           render(pipe, token_file, prompt_list, seed_list, True, progress, batch_size))
-    manifest = save_renders(renders, Path(out), {"tokens": str(tokens), "training_seeds_used": flagged})
+    manifest = save_renders(renders, Path(out), {"tokens": str(tokens), "model": model or token_file.base_model,
+                                                 "dtype": str(pipe.dtype).removeprefix("torch."),
+                                                 "training_seeds_used": flagged})
     written = {(Path(out) / entry["file"]).resolve() for entry in manifest["images"]}
     for path in set(earlier) - written:
         path.unlink(missing_ok=True)

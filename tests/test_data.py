@@ -36,8 +36,10 @@ def test_bad_prompt_files(tmp_path, name, text, column, message):
     (tmp_path / name).write_text(text)
     with pytest.raises(PromptFileError, match=re.escape(message)):
         read_prompts(tmp_path / name, column)
-    with pytest.raises(PromptFileError, match="does not exist"):
+    with pytest.raises(PromptFileError, match="does not exist: check"):
         read_prompts(tmp_path / "missing.txt")
+    with pytest.raises(PromptFileError, match="relative paths are read from the current folder"):
+        read_prompts("missing/prompts.txt")
 
 
 def test_split_is_disjoint_deterministic_and_complete(tmp_path):

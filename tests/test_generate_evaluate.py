@@ -38,6 +38,8 @@ def run(tmp_path_factory, ipgo_cache):
 def test_generate_matches_the_modules_render(run, tmp_path, capsys, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
+    from ipgo.export import load_tokens
+
     run_dir, module = run
     calls = []
     call = StableDiffusionPipeline.__call__
@@ -48,14 +50,13 @@ def test_generate_matches_the_modules_render(run, tmp_path, capsys, monkeypatch)
     assert calls == [2, 1] * 4  # at most batch_size images per call: raw and tuned, 2 prompts each
     progress = capsys.readouterr().err  # the renders are counted: raw and tuned, 2 prompts x 3 seeds each
     assert "ipgo.generate: 100%" in progress and "12/12" in progress
-    from ipgo.export import load_tokens
-
     prefix, suffix = load_tokens(run_dir).tokens_for(renders.prompts)
     ours = module.render(renders.prompts, renders.seeds, prefix, suffix).view_as(renders.tuned)
     assert torch.allclose(ours, renders.tuned, atol=1e-5)  # the export is the single source of truth
     assert torch.allclose(module.render(renders.prompts, renders.seeds).view_as(renders.raw), renders.raw, atol=1e-5)
     manifest = json.loads((tmp_path / "images.json").read_text())
     assert len(manifest["images"]) == 12 and (tmp_path / "grid.png").is_file()
+    assert (manifest["model"], manifest["dtype"]) == (load_tokens(run_dir).base_model, "float32")  # what rendered
     assert all((tmp_path / image["file"]).is_file() for image in manifest["images"])
 
     # the folder now holds images: another generate there is refused, or replaces them all when asked
@@ -92,7 +93,7 @@ def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path, capsys):
     assert metrics["settings"]["best_of_n_matches_compute"]
     report = (tmp_path / "report.md").read_text()
     assert "(N = the optimisation's sampler calls per prompt, spent at every seed)" in report
-    by_hand = evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1000", out=str(tmp_path / "by_hand"), best_of_n=1)
+    by_hand = evaluate(f"ipgo={run_dir}", REWARDS[:1], seeds="1000", out=str(tmp_path / "by_hand"), best_of_n=3)
     assert not by_hand["settings"]["best_of_n_matches_compute"]
     assert "(N given by hand: not matched" in (tmp_path / "by_hand/report.md").read_text()
     # win rates equal a hand count from the per-image scores in the same file
@@ -173,7 +174,8 @@ def test_bad_input_gives_clear_messages(run, tmp_path, capsys):
         (generate_cli, ["--tokens", str(run_dir), "--model", "tiny:sdxl", "--seeds", "1000"],
          "made for a 'sd' model"),
         (generate_cli, ["--tokens", str(tmp_path / "empty")], "tokens.safetensors"),
-        (generate_cli, ["--tokens", str(run_dir), "--seeds", "7-3"], "cannot read the seeds '7-3'"),
+        (generate_cli, ["--tokens", str(run_dir), "--seeds", "7-x"], "cannot read the seeds '7-x'"),
+        (generate_cli, ["--tokens", str(run_dir), "--seeds", "7-3"], "the seed range 7-3 runs backwards: write 3-7"),
         (generate_cli, ["--tokens", str(run_dir), "--seeds", str(2**64)], "give seeds below 2**32"),
         (generate_cli, ["--tokens", str(run_dir), "--seeds", "1000", "--batch_size", "0"],
          "batch_size=0: give the number of images per pipeline call"),
@@ -235,6 +237,7 @@ def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tm
         (dict(methods=[f"ipgo={run_dir}", f"other={revised}"]), "made for different models"),
         (dict(methods=[f"ipgo={run_dir}"], bootstrap=0), "at least 1 resample"),
         (dict(methods=[f"ipgo={run_dir}"], best_of_n="many"), "best_of_n='many'"),
+        (dict(methods=[f"ipgo={run_dir}"], best_of_n=1), "best_of_n=1 would pick the raw prompt's own image"),
         (dict(methods=[f"ipgo={combined}"]), "combination of rewards .* set --selection_reward"),
         (dict(methods=[f"ipgo={run_dir}"], selection_reward="aesthetic"), "not among the rewards scored"),
         (dict(methods=[f"ipgo={run_dir}"], model=str(tmp_path / "missing")), "model folder .*missing.* does not exist"),
