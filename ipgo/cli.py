@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
@@ -41,6 +41,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         with atomic_path(path) as partial:
             torch.save(checkpoint, partial)
+
+
+class RunProgressBar(TQDMProgressBar):
+    """Lightning's progress bar without `v_num`, which shows the two loggers' versions as "_0"."""
+
+    def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
 
 
 class IPGOCLI(LightningCLI):
@@ -77,6 +86,8 @@ class IPGOCLI(LightningCLI):
             callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
                                              every_n_epochs=1, enable_version_counter=False,
                                              save_on_train_epoch_end=True))
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(RunProgressBar())
         kwargs["callbacks"] = callbacks
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]

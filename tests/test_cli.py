@@ -188,6 +188,16 @@ def test_another_plugin_keeps_the_atomic_checkpoint_writer(tmp_path):
     assert isinstance(cli.trainer.precision_plugin, DoublePrecision)
 
 
+def test_the_progress_bar_shows_no_logger_versions(tmp_path):
+    from ipgo.cli import IPGOCLI, RunProgressBar, trainer_defaults
+    from ipgo.data import PromptDataModule
+
+    args = ["--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path)]
+    cli = IPGOCLI(IPGOModule, PromptDataModule, run=False, args=args, trainer_defaults=trainer_defaults())
+    assert isinstance(cli.trainer.progress_bar_callback, RunProgressBar)
+    assert "v_num" not in cli.trainer.progress_bar_callback.get_metrics(cli.trainer, cli.model)
+
+
 def test_a_run_without_checkpointing_writes_its_outputs(tmp_path):
     """--trainer.enable_checkpointing false, a standard Trainer key, is honoured (no checkpoint callback added)."""
     with pytest.warns(UserWarning, match="one step exports the starting tokens"):  # prompt-wise, select best
