@@ -14,10 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+    TQDMProgressBar,
+)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from ipgo.data import PromptDataModule
 from ipgo.errors import ConfigError, UserError, reported
@@ -43,13 +50,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, partial)
 
 
-class RunProgressBar(TQDMProgressBar):
-    """Lightning's progress bar without `v_num`, which shows the two loggers' versions as "_0"."""
+class _WithoutVersion:
+    """A progress bar without `v_num`, which shows the two loggers' versions as "_0"."""
 
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
-        items = super().get_metrics(trainer, pl_module)
+        items = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
         items.pop("v_num", None)
         return items
+
+
+class RichRunProgressBar(_WithoutVersion, RichProgressBar):
+    """Lightning's default bar where rich is installed, without `v_num`."""
+
+
+class TQDMRunProgressBar(_WithoutVersion, TQDMProgressBar):
+    """Lightning's default bar without rich, without `v_num`."""
 
 
 class IPGOCLI(LightningCLI):
@@ -87,7 +102,7 @@ class IPGOCLI(LightningCLI):
                                              every_n_epochs=1, enable_version_counter=False,
                                              save_on_train_epoch_end=True))
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(RunProgressBar())
+            callbacks.append(RichRunProgressBar() if _RICH_AVAILABLE else TQDMRunProgressBar())
         kwargs["callbacks"] = callbacks
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -167,6 +182,8 @@ def main(args: list[str] | None = None) -> IPGOCLI:
 
             cli.model.to(cli.trainer.strategy.root_device)  # the strategy's teardown moved it to the CPU
             write_run_outputs(cli.model, run_dir)
+    if cli.trainer.is_global_zero and (run_dir / "summary.md").is_file():
+        print("\n" + (run_dir / "summary.md").read_text(encoding="utf-8"))  # here: the progress bar has closed
     return cli
 
 

@@ -103,7 +103,6 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
     write_text(run_dir / "summary.md", text)
     # last: it marks a finished run
     write_text(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    print("\n" + text)
     return summary
 
 

@@ -189,21 +189,25 @@ def test_another_plugin_keeps_the_atomic_checkpoint_writer(tmp_path):
 
 
 def test_the_progress_bar_shows_no_logger_versions(tmp_path):
-    from ipgo.cli import IPGOCLI, RunProgressBar, trainer_defaults
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    from ipgo.cli import IPGOCLI, RichRunProgressBar, TQDMRunProgressBar, trainer_defaults
     from ipgo.data import PromptDataModule
 
     args = ["--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path)]
     cli = IPGOCLI(IPGOModule, PromptDataModule, run=False, args=args, trainer_defaults=trainer_defaults())
-    assert isinstance(cli.trainer.progress_bar_callback, RunProgressBar)
+    # Lightning's own choice of bar (rich where it is installed), without the versions
+    assert isinstance(cli.trainer.progress_bar_callback, RichRunProgressBar if _RICH_AVAILABLE else TQDMRunProgressBar)
     assert "v_num" not in cli.trainer.progress_bar_callback.get_metrics(cli.trainer, cli.model)
 
 
-def test_a_run_without_checkpointing_writes_its_outputs(tmp_path):
+def test_a_run_without_checkpointing_writes_its_outputs(tmp_path, capsys):
     """--trainer.enable_checkpointing false, a standard Trainer key, is honoured (no checkpoint callback added)."""
     with pytest.warns(UserWarning, match="one step exports the starting tokens"):  # prompt-wise, select best
         cli = main([*QUICK, "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false",
                     "--trainer.default_root_dir", str(tmp_path)])
     assert (tmp_path / "summary.json").is_file() and not (tmp_path / "checkpoints").exists()
+    assert capsys.readouterr().out.endswith("\n" + (tmp_path / "summary.md").read_text() + "\n")  # printed last
     exported = load_file(tmp_path / "tokens.safetensors")["prefix"]
     assert torch.equal(exported, cli.model.best.prefix)  # what the warning says: the tokens measured at the start
     with torch.no_grad():
