@@ -4,7 +4,9 @@
         --rewards '[{name: clip_score, args: {model: tiny:shapes-clip}}, {name: shapes_oracle}]' --out eval/
 
 Every method renders the same prompts on the same seeds through the family's diffusers
-pipeline (`ipgo.generate`). Seeds a method was optimised on are refused (or, when allowed,
+pipeline (`ipgo.generate`). Beside the first method, `<name>_start` renders its tokens as
+`ipgo.fit` initialised them (from the file's token settings and seed): what adding tokens at
+all does, apart from optimising them. Seeds a method was optimised on are refused (or, when allowed,
 flagged), and so are prompts a prompt-batch method was trained on. Beside the raw prompt and
 each method, a **best-of-N** baseline samples N candidates per (prompt, seed) with the raw
 prompt and keeps the one the *selection reward* (the one optimised) likes best; with
@@ -16,7 +18,7 @@ counted; at S > 1 seeds the match favours best-of-N.
 `metrics.json` (schema_version 2):
     settings: prompts, seeds, rewards, selection_reward, best_of_n, best_of_n_matches_compute, bootstrap,
               tie_tolerance
-    methods: {name: {kind: raw|ipgo|best_of_n, tokens, compute (fit_seconds, peak_memory_bytes,
+    methods: {name: {kind: raw|ipgo|start|best_of_n, tokens, compute (fit_seconds, peak_memory_bytes,
               memory_kind, device, processes, sampler_calls_per_prompt), flags,
               rewards: {reward: {n, mean, stderr, wins, ties, losses, win_rate, win_rate_ci}}}}
               (stderr: over prompt means, null with one prompt; win counts compare with the raw
@@ -46,6 +48,7 @@ from ipgo.backbones.base import portable_model_name
 from ipgo.data import prompt_key, read_prompts
 from ipgo.errors import NonFiniteRewardError, UserError, reported
 from ipgo.export import TokenFile, check_prompts_fit, check_tokens, load_tokens
+from ipgo.export import starting_tokens as initial_tokens
 from ipgo.files import check_output_folder, write_text
 from ipgo.generate import (
     check_batch_size,
@@ -154,6 +157,7 @@ def evaluate(
     allow_training_prompts: bool = False,
     overwrite: bool = False,
     batch_size: int = 8,
+    starting_tokens: bool = True,
 ) -> dict[str, Any]:
     """Score methods and the raw prompt (and best-of-N) with several rewards; write report.md and metrics.json.
 
@@ -178,6 +182,8 @@ def evaluate(
         allow_training_prompts: evaluate prompt-batch tokens on their training prompts (flagged).
         overwrite: write into a non-empty `out`.
         batch_size: images per pipeline call, and per reward call (lower it if the device runs out of memory).
+        starting_tokens: also render the first method's tokens as initialised, before its first step
+            (`<name>_start`).
     """
     check_batch_size(batch_size)
     check_device(device)
@@ -206,6 +212,8 @@ def evaluate(
 
     for tokens in token_files.values():
         tokens.tokens_for(prompt_list)  # a prompt-wise file must hold every prompt
+    first_name = next(iter(token_files))
+    start = {f"{first_name}_start": initial_tokens(first, prompt_list)} if starting_tokens else {}
     if bootstrap < 1:
         raise UserError(f"bootstrap={bootstrap}: the win-rate intervals need at least 1 resample (e.g. 1000)")
     # everything that can be checked without weights is checked before any model loads
@@ -235,12 +243,12 @@ def evaluate(
         check_tokens(pipe, tokens)
     out_dir = Path(out)
 
-    renders = len(prompt_list) * len(seed_list) * (1 + len(token_files) + max(n - 1, 0))
+    renders = len(prompt_list) * len(seed_list) * (1 + len(token_files) + len(start) + max(n - 1, 0))
     with progress_bar(renders, "ipgo.evaluate") as progress:
         raw = render(pipe, first, prompt_list, seed_list, False, progress, batch_size)
         images = {"raw": raw}
         scores = {"raw": score(reward, raw, prompt_list, batch_size)}
-        for name, tokens in token_files.items():
+        for name, tokens in {**token_files, **start}.items():
             images[name] = render(pipe, tokens, prompt_list, seed_list, True, progress, batch_size)
             scores[name] = score(reward, images[name], prompt_list, batch_size)
         chosen: dict[tuple[int, int], int] = {}
@@ -306,8 +314,9 @@ def _parse_methods(methods: list[str] | str) -> dict[str, str]:
     named = {}
     for item in [methods] if isinstance(methods, str) else methods:
         name, sep, path = item.partition("=")
-        if not sep or not name or not path or name == "raw" or name.startswith("best_of_"):
-            raise UserError(f"cannot read the method {item!r}: write NAME=PATH (NAME not 'raw' or 'best_of_*')")
+        if not sep or not name or not path or name == "raw" or name.startswith("best_of_") or name.endswith("_start"):
+            raise UserError(f"cannot read the method {item!r}: write NAME=PATH (NAME not 'raw', 'best_of_*' or "
+                            "'*_start', which name the baselines)")
         if name in named:
             raise UserError(f"the method name {name!r} is given twice")
         named[name] = path
@@ -379,8 +388,11 @@ def _metrics(named: dict[str, str], token_files: dict[str, TokenFile], scores: d
     methods: dict[str, Any] = {}
     images = []
     for method, by_reward in scores.items():
-        kind = "raw" if method == "raw" else "best_of_n" if method.startswith("best_of_") else "ipgo"
+        kind = ("raw" if method == "raw" else "best_of_n" if method.startswith("best_of_") else
+                "ipgo" if method in named else "start")
         entry: dict[str, Any] = {"kind": kind, "rewards": {}, "flags": flags.get(method, [])}
+        if kind == "start":
+            entry["tokens"] = f"{named[method.removesuffix('_start')]}, as initialised"
         if kind == "ipgo":
             entry["tokens"] = named[method]
             entry["compute"] = json.loads(token_files[method].extra.get("compute", "{}"))
@@ -436,6 +448,8 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         if entry["kind"] == "raw":
             continue
         detail = f"- **{method}** ({entry['kind']}): grid `grid_{method}.png`"
+        if entry["kind"] == "start":
+            detail += f"; {entry['tokens']}, before the first step: what adding tokens at all does"
         compute = entry.get("compute") or {}
         if "fit_seconds" in compute:
             where = compute.get("device") if compute.get("processes", 1) == 1 else \

@@ -27,7 +27,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,28 @@ class TokenFile:
                 f"weights differ from that model's{f' ({model!r})' if model else ''}: the tokens apply, but its "
                 "images will differ from those the tokens were optimised for. Load the base model to reproduce them.",
                 UserWarning, stacklevel=1)  # issued here: shown once, not once per call of apply_tokens and its kin
+
+
+def starting_tokens(tokens: TokenFile, prompts: Sequence[str]) -> TokenFile:
+    """The tokens of `tokens` for `prompts` as `ipgo.fit` initialised them, before its first step (from the token
+    settings and seed the file records): what adding tokens at all does, apart from what optimising them did."""
+    from ipgo.tokens import TokenConfig, TokenSets
+
+    if "tokens" not in tokens.extra:
+        raise TokenFileError("this token file records no token settings (it was not written by ipgo.fit), so its "
+                             "starting tokens cannot be rebuilt")
+    config = TokenConfig(**json.loads(tokens.extra["tokens"]))
+    if tokens.per_prompt:
+        position = {" ".join(p.split()): i for i, p in enumerate(tokens.prompts)}
+        kept = list(dict.fromkeys(" ".join(p.split()) for p in prompts))
+        ids = [position[p] for p in kept]
+    else:
+        kept, ids = None, [0]
+    with torch.no_grad():
+        prefix, suffix = TokenSets.initial(config, tokens.hidden_size, ids)(range(len(ids)))
+    if kept is None:
+        prefix, suffix = prefix[0], suffix[0]
+    return replace(tokens, prefix=prefix, suffix=suffix, prompts=kept)
 
 
 def save_tokens(path: str | os.PathLike, tokens: TokenFile) -> Path:

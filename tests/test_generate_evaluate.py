@@ -82,8 +82,8 @@ def test_generate_matches_the_modules_render(run, tmp_path, capsys, monkeypatch)
 def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path, capsys):
     run_dir, module = run
     metrics = evaluate([f"ipgo={run_dir}"], REWARDS, seeds="1000-1002", out=str(tmp_path), bootstrap=200)
-    # 6 raw + 6 tuned + 6 more candidates of best-of-2 (the seed's own image is the raw one), counted as rendered
-    assert "18/18" in capsys.readouterr().err
+    # 6 raw + 6 tuned + 6 starting tokens + 6 more candidates of best-of-2 (the seed's own image is the raw one)
+    assert "24/24" in capsys.readouterr().err
     for name in ("report.md", "metrics.json", "grid_ipgo.png"):
         assert (tmp_path / name).is_file()
     assert metrics == json.loads((tmp_path / "metrics.json").read_text())
@@ -93,6 +93,20 @@ def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path, capsys):
     assert metrics["settings"]["best_of_n_matches_compute"]
     report = (tmp_path / "report.md").read_text()
     assert "(N = the optimisation's sampler calls per prompt, spent at every seed)" in report
+    # ipgo_start: the run's tokens as a fresh run initialises them, rendered through the pipeline like the others
+    from ipgo.tokens import TokenSets
+
+    start = metrics["methods"]["ipgo_start"]
+    assert start["kind"] == "start" and start["tokens"].endswith("as initialised") and "wins" in start["rewards"][
+        "clip_score"]
+    prompts = metrics["settings"]["prompts"]
+    with torch.no_grad():
+        initial = TokenSets(module.token_config, 32, len(prompts))(range(len(prompts)))
+    expected = module.score(prompts, [1000, 1001, 1002], *initial)
+    got = torch.tensor([[i["scores"]["clip_score"] for i in metrics["images"] if i["method"] == "ipgo_start"
+                         and i["prompt"] == p] for p in prompts])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert "before the first step: what adding tokens at all does" in report
     by_hand = evaluate(f"ipgo={run_dir}", REWARDS[:1], seeds="1000", out=str(tmp_path / "by_hand"), best_of_n=3)
     assert not by_hand["settings"]["best_of_n_matches_compute"]
     assert "(N given by hand: not matched" in (tmp_path / "by_hand/report.md").read_text()
@@ -367,5 +381,6 @@ def test_evaluate_overwrite_replaces_the_earlier_grids(run, tmp_path):
     (tmp_path / "grid_gone.png").write_bytes(b"an earlier evaluation's method")
     (tmp_path / "metrics.json").write_text(json.dumps({"methods": {"raw": {}, "gone": {}}}))
     (tmp_path / "grid_mine.png").write_bytes(b"a user's file, which no evaluation wrote")
-    evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1000", out=str(tmp_path), best_of_n="off", overwrite=True)
+    evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1000", out=str(tmp_path), best_of_n="off", overwrite=True,
+             starting_tokens=False)
     assert sorted(p.name for p in tmp_path.glob("grid_*.png")) == ["grid_ipgo.png", "grid_mine.png"]
