@@ -136,7 +136,6 @@ def summary_markdown(summary: dict) -> str:
         f"({summary['seeds_are']}); mean over seeds. This is the optimised reward: judge with held-out "
         "rewards too (`ipgo.evaluate`).",
         "",
-        "",
         "Before: the raw prompt. Start: the tokens as initialised, before the first step (adding tokens at all). "
         "After: the exported tokens. What the optimisation did is after against start.",
         "",
