@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The shapes-world benchmark of docs/SHAPES.md: 16 held-out captions x 4 held-out seeds; the raw
-# prompt, IPGO prompt-wise and best-of-N at matched sampler calls, all optimised on the shapes CLIP
-# reward and judged by the exact oracle (never optimised). About 15 minutes on a 2-core CPU.
+# prompt, IPGO prompt-wise, its tokens as initialised (ipgo_start) and best-of-N with N = the
+# optimisation's sampler calls per prompt (at every seed), all optimised on the shapes CLIP reward
+# and judged by the exact oracle (never optimised). 15-35 minutes on a 2-core CPU.
 # IPGO: 20 steps at Adam 0.2 on training seeds 0 and 1 (the demo's 0.05 left held-out seeds unchanged).
 #   bash scripts/shapes_benchmark.sh [RUN_DIR]
 set -euo pipefail
