@@ -234,6 +234,7 @@ class IPGOModule(L.LightningModule):
         self._fit_started = time.perf_counter()
         self.tokens: TokenSets | None = None
         self.best: BestTokens | None = None
+        self._checked_input: tuple[list[str], list[str]] | None = None  # the prompts check_input passed
         self.prompts: list[str] = []
         self.val_prompts: list[str] = []
         self._val_rewards = self._val_seen = torch.zeros(0)  # per validation prompt, see on_validation_epoch_start
@@ -251,7 +252,8 @@ class IPGOModule(L.LightningModule):
         """Check the input (`check_input`), then load the weights and build the tokens."""
         if self.tokens is not None:
             return
-        self.check_input(train_prompts, val_prompts)
+        if self._checked_input != (list(train_prompts), list(val_prompts)):  # ipgo.fit checks before the trainer
+            self.check_input(train_prompts, val_prompts)
         for reward in (self.reward, self.judges):  # before the backbone: a missing reward model is reported early
             if reward is not None:
                 reward.to(dtype=self.backbone.dtype)  # frozen weights follow the run's dtype
@@ -301,6 +303,7 @@ class IPGOModule(L.LightningModule):
         for reward in (self.reward, self.judges):
             if reward is not None:
                 reward.check(all_prompts, self.sampler_config.height, self.sampler_config.width)
+        self._checked_input = (list(train_prompts), list(val_prompts))
 
     def _build_tokens(self, train_prompts: Sequence[str], val_prompts: Sequence[str]) -> None:
         self.prompts = list(train_prompts)

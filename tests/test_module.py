@@ -300,3 +300,12 @@ def test_token_files_name_only_the_optimised_rewards(tiny_sd_dir, tiny_clip_dir)
                                   RewardSpec("shapes_oracle", weight=0.0)])
     module.prepare(PROMPTS[:1])
     assert json.loads(module.token_file().extra["rewards"]) == ["clip_score"]
+
+
+def test_input_checked_before_the_trainer_is_not_checked_again(tiny_sd_dir, tiny_clip_dir, monkeypatch):
+    """ipgo.fit checks the prompts before the trainer starts; prepare does not tokenise them all a second time."""
+    module = make_module(tiny_sd_dir, tiny_clip_dir)
+    module.check_input(PROMPTS)
+    monkeypatch.setattr("ipgo.module.check_prompt_lengths", lambda *args: pytest.fail("checked again"))
+    module.prepare(PROMPTS)
+    assert module.tokens is not None
