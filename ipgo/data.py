@@ -164,8 +164,6 @@ class PromptDataModule(L.LightningDataModule):
             raise ConfigError(f"limit must be >= 1 (or left out for every prompt), got {limit}")
         if not 0 <= val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.path = prompts
-        self.column = column
         self.file_prompts = read_prompts(prompts, column)  # read now: a bad file is reported before the trainer starts
         self.batch_size = batch_size
         self.val_fraction = val_fraction
