@@ -147,6 +147,7 @@ def main(args: list[str] | None = None) -> IPGOCLI:
         warnings.warn("trainer.max_epochs is 1: a prompt-wise run with model.select best exports each prompt's best "
                       "measured tokens, and a step's reward is measured before its update, so one step exports the "
                       "starting tokens. Give max_epochs >= 2 (or model.select last)", UserWarning, stacklevel=2)
+    cli.model.check_trainer(cli.trainer)
     checkpoint = checkpoint_file(ckpt_path, last)
     if not resumes_this_run(ckpt_path, checkpoint, run_dir):
         refuse_used_folder(run_dir)  # a fresh run, or one started from another run's checkpoint

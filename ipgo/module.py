@@ -315,19 +315,38 @@ class IPGOModule(L.LightningModule):
             self.best = BestTokens(len(self.prompts), self.token_config.n_prefix, self.token_config.n_suffix, dim,
                                    terms)
 
-    def configure_model(self) -> None:
-        datamodule = self.trainer.datamodule
-        if datamodule is None:
-            raise ConfigError("IPGOModule needs a PromptDataModule: pass datamodule=... to trainer.fit")
-        if self.prompt_wise and self.trainer.accumulate_grad_batches != 1:
+    def check_trainer(self, trainer: L.Trainer) -> None:
+        """Refuse trainer settings that break the method (ipgo.fit calls this before anything is written)."""
+        if trainer.precision in ("16-true", "bf16-true"):
+            raise ConfigError(
+                f"trainer.precision {trainer.precision} would make the learned tokens half precision too, but they "
+                "are optimised in float32 (the orthonormal basis's QR, Adam's small steps): use trainer.precision "
+                "32-true and set the frozen weights' dtype with model.backbone.init_args.dtype (float16 or bfloat16)"
+            )
+        if not self.prompt_wise:
+            return
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ConfigError(
+                f"prompt-wise: trainer.precision {trainer.precision} uses one loss scaler for all prompts in a batch, "
+                "so one prompt's overflowing gradient would skip every prompt's step without an error: use "
+                "trainer.precision 32-true with model.backbone.init_args.dtype float16 (as configs/prompt_wise.yaml "
+                "does), or bf16-mixed"
+            )
+        if trainer.accumulate_grad_batches != 1:
             raise ConfigError(
                 "prompt-wise optimisation steps each prompt's own tokens every epoch; gradient accumulation "
                 "does not apply: remove trainer.accumulate_grad_batches"
             )
-        if self.prompt_wise and self.trainer.gradient_clip_val:
+        if trainer.gradient_clip_val:
             raise ConfigError("prompt-wise: trainer.gradient_clip_val clips the norm of all prompts' tokens together, "
                               "so one prompt's gradient would scale another's; use model.grad_clip, which clips each "
                               "prompt's tokens alone")
+
+    def configure_model(self) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise ConfigError("IPGOModule needs a PromptDataModule: pass datamodule=... to trainer.fit")
+        self.check_trainer(self.trainer)
         self.prepare(datamodule.train_prompts, datamodule.val_prompts)
 
     def configure_optimizers(self) -> Any:

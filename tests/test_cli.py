@@ -342,12 +342,13 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
          "set trainer.max_epochs >= 1 and leave trainer.max_steps unset"),
         (["--model.lr_interval", "step"], "set model.lr_interval epoch (per batch, a prompt's schedule would depend"),
         (["--trainer.gradient_clip_val", "1.0"], "use model.grad_clip, which clips each prompt's tokens alone"),
+        (["--trainer.precision", "bf16-true"], "would make the learned tokens half precision too"),
     ]
     for args, message in cases:
         err = bad_input([*args, "--trainer.default_root_dir", out], capsys)
         assert message in err, (args, err[-2000:])
         assert "Traceback" not in err
-        if args[0] == "--data.prompts":  # read and checked before the trainer writes anything
+        if args[0] in ("--data.prompts", "--trainer.precision"):  # checked before the trainer writes anything
             assert not Path(out).exists(), args
             assert "Token indices sequence length" not in err  # the tokenizer's own warning: noise beside ipgo's
 

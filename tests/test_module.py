@@ -126,6 +126,24 @@ def test_prompt_wise_refuses_validation_split_and_accumulation(tiny_sd_dir, tiny
     assert module.backbone.unet is None  # refused before the weights load
 
 
+def test_refuses_half_precision_tokens_and_a_shared_loss_scaler(tiny_sd_dir, tiny_clip_dir):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    def trainer(**kwargs):
+        return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, **kwargs)
+
+    module = make_module(tiny_sd_dir, tiny_clip_dir)
+    for precision in ("bf16-true", "16-true"):  # would make the tokens half precision too (QR fails in bf16)
+        with pytest.raises(ConfigError, match=f"trainer.precision {precision} would make the learned tokens half"):
+            module.check_trainer(trainer(precision=precision))
+    # a GPU's 16-mixed: one scaler skips every prompt's step when one prompt's gradient overflows
+    scaled = trainer(plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
+    with pytest.raises(ConfigError, match="one loss scaler for all prompts in a batch"):
+        module.check_trainer(scaled)
+    make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch").check_trainer(scaled)  # one token set: fine
+    module.check_trainer(trainer(precision="bf16-mixed"))
+
+
 def test_prompt_wise_refuses_repeated_prompts_before_loading(tiny_sd_dir, tiny_clip_dir):
     module = make_module(tiny_sd_dir, tiny_clip_dir)
     with pytest.raises(UserError, match="'a blue square' is in the prompt file 2 times.*remove the repeated lines"):
