@@ -9,6 +9,8 @@ the resolved config to `<run>/config.yaml`; checkpoints to `<run>/checkpoints/`
 
 from __future__ import annotations
 
+import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -140,7 +142,7 @@ def main(args: list[str] | None = None) -> IPGOCLI:
     )
     run_dir = Path(cli.trainer.default_root_dir)
     ckpt_path = cli.config.get("ckpt_path")
-    last = run_dir / "checkpoints" / "last.ckpt"
+    cli.model.optimisation_settings = optimisation_settings(cli.config)  # kept in checkpoints, see check_checkpoint
     if cli.trainer.max_epochs == 0:
         raise ConfigError("trainer.max_epochs is 0, so nothing would be optimised: give it at least 1")
     if cli.model.prompt_wise and cli.model.select == "best" and cli.trainer.max_epochs == 1:
@@ -148,8 +150,8 @@ def main(args: list[str] | None = None) -> IPGOCLI:
                       "measured tokens, and a step's reward is measured before its update, so one step exports the "
                       "starting tokens. Give max_epochs >= 2 (or model.select last)", UserWarning, stacklevel=2)
     cli.model.check_trainer(cli.trainer)
-    checkpoint = checkpoint_file(ckpt_path, last)
-    if not resumes_this_run(ckpt_path, checkpoint, run_dir):
+    checkpoint = checkpoint_file(ckpt_path, run_dir)
+    if not resumes_this_run(checkpoint, run_dir):
         refuse_used_folder(run_dir)  # a fresh run, or one started from another run's checkpoint
     if cli.trainer.world_size > 1 and uses_running_statistics(cli.model.reward):
         raise ConfigError("normalize: running keeps its statistics per process, so the processes would scale the "
@@ -158,6 +160,11 @@ def main(args: list[str] | None = None) -> IPGOCLI:
     cli.model.check_input(cli.datamodule.train_prompts, cli.datamodule.val_prompts)
     if cli.model.prompt_wise and cli.trainer.world_size > 1:
         # several processes: each optimises its own prompts with a local optimiser (see IPGOModule.predict_step)
+        prompts = len(cli.datamodule.train_prompts)
+        if prompts < cli.trainer.world_size:
+            plural = "s" if prompts > 1 else ""
+            raise ConfigError(f"{prompts} prompt{plural} for {cli.trainer.world_size} processes would leave a process "
+                              f"without a prompt: run on at most {prompts} device{plural}")
         if ckpt_path is not None:
             raise UserError("multi-process prompt-wise runs cannot resume from a checkpoint; run them again")
         epochs = cli.trainer.max_epochs  # Lightning sets its default only for fit, not for this path
@@ -188,18 +195,27 @@ def main(args: list[str] | None = None) -> IPGOCLI:
     return cli
 
 
-def checkpoint_file(ckpt_path: str | None, last: Path) -> Path | None:
-    """The local checkpoint `--ckpt_path` names (`last`: the run folder's), refused before anything loads when it is
-    missing; None without one, or for what Lightning resolves itself (a URL, "hpc", "registry")."""
+def checkpoint_file(ckpt_path: str | None, run_dir: Path) -> Path | None:
+    """The local checkpoint `--ckpt_path` names (`last`: the run folder's; `hpc`: Lightning's newest hpc_ckpt_N.ckpt
+    there), refused before anything loads when it is missing; None without one, or for what Lightning resolves
+    itself (a URL, "registry")."""
+    last = run_dir / "checkpoints" / "last.ckpt"
     if ckpt_path == "best":  # Lightning knows a best checkpoint only within the process that wrote it
         raise UserError(f"--ckpt_path best: a new run has no best checkpoint to resume; give 'last' to resume {last}, "
                         "or the path of a .ckpt file")
-    if ckpt_path is None or "://" in ckpt_path or ckpt_path in ("hpc", "registry"):
+    if ckpt_path is None or "://" in ckpt_path or ckpt_path == "registry":
         return None
     if ckpt_path == "last":
         if not last.is_file():
             raise UserError(f"--ckpt_path last: there is no {last} to resume; leave --ckpt_path out to start the run")
         return last
+    if ckpt_path == "hpc":
+        versions = {int(match[1]): path for path in run_dir.glob("hpc_ckpt_*.ckpt")
+                    if (match := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", path.name))}
+        if not versions:
+            raise UserError(f"--ckpt_path hpc: there is no hpc_ckpt_N.ckpt in {run_dir} (Lightning writes one when a "
+                            f"cluster job is preempted); give 'last' to resume {last}")
+        return versions[max(versions)]
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file. Give the path of a .ckpt file, or "
@@ -207,28 +223,59 @@ def checkpoint_file(ckpt_path: str | None, last: Path) -> Path | None:
     return path
 
 
-def resumes_this_run(ckpt_path: str | None, checkpoint: Path | None, run_dir: Path) -> bool:
-    """Whether `--ckpt_path` resumes the run in `run_dir`: Lightning's "hpc" (written there), or a
-    checkpoint file anywhere inside it (a ModelCheckpoint may have its own dirpath). A URL or registry name counts as
-    another run's."""
-    if checkpoint is None:
-        return ckpt_path == "hpc"
-    return checkpoint.resolve().is_relative_to(run_dir.resolve())
+def resumes_this_run(checkpoint: Path | None, run_dir: Path) -> bool:
+    """Whether the checkpoint resumes the run in `run_dir`: a checkpoint file anywhere inside it (a ModelCheckpoint
+    may have its own dirpath). A URL or registry name counts as another run's."""
+    return checkpoint is not None and checkpoint.resolve().is_relative_to(run_dir.resolve())
+
+
+def optimisation_settings(config: Any) -> str:
+    """The optimiser and learning-rate schedule a command gives (class and every argument), as JSON."""
+    chosen = {key: value.as_dict() if hasattr(value, "as_dict") else value
+              for key in ("optimizer", "lr_scheduler") for value in [config["model"].get(key)]}
+    return json.dumps(chosen, sort_keys=True, default=str)
 
 
 def check_checkpoint(cli: IPGOCLI, path: Path) -> int:
-    """Refuse another run's checkpoint before any weights load; returns the epochs it has done. Memory-mapped: a
-    prompt-wise checkpoint of many prompts can hold gigabytes of optimiser state, of which only the run's description
-    is read."""
+    """Refuse, before any weights load, another run's checkpoint, one saved part-way through an epoch, and other
+    optimiser settings than the checkpoint's; returns the epochs it has done. Memory-mapped: a prompt-wise checkpoint
+    of many prompts can hold gigabytes of optimiser state, of which only the run's description is read."""
     saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    run = saved.get("ipgo_run", {})
+    run, settings = saved.get("ipgo_run", {}), saved.get("ipgo_optimisation")
+    loop = saved.get("loops", {}).get("fit_loop", {})
+    epochs = loop.get("epoch_progress", {}).get("current", {})
     # saved at the end of a training epoch: "processed" counts it, "completed" not yet
-    done = int(saved.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-               .get("processed", saved.get("epoch", -1) + 1))
+    done = int(epochs.get("processed", saved.get("epoch", -1) + 1))
+    batches = int(loop.get("epoch_loop.batch_progress", {}).get("current", {}).get("processed", 0))
     del saved
     cli.datamodule.setup("fit")
     cli.model.check_checkpoint_run(run, cli.datamodule.train_prompts)
+    if epochs.get("started", done) > done:
+        last = Path(cli.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        hint = ("resume from the end of its last finished epoch with --ckpt_path last"
+                if last.is_file() and last.resolve() != path.resolve() else "start the run again in a new folder")
+        raise UserError(f"{path.name} was saved part-way through epoch {done} (counting from 0; {batches} of its "
+                        "batches done), as a preempted job's hpc checkpoint is: resuming it would run that epoch's "
+                        "batches again from the first, so some prompts would take two steps and others none. Instead "
+                        f"{hint}")
+    if settings is not None and settings != cli.model.optimisation_settings:
+        changed = _changed_settings(json.loads(settings), json.loads(cli.model.optimisation_settings))
+        raise UserError(f"{path.name} was optimised with other settings ({changed}). Resuming restores the "
+                        "checkpoint's optimiser and learning-rate schedule, so these would be ignored: leave them as "
+                        "they were (the run's config.yaml), or start a new run")
     return done
+
+
+def _changed_settings(saved: dict[str, Any], given: dict[str, Any], prefix: str = "model.") -> str:
+    """`key saved -> given` for each setting that differs, e.g. `model.optimizer.init_args.lr 0.05 -> 0.5`."""
+    changes = []
+    for key in sorted(set(saved) | set(given)):
+        old, new = saved.get(key), given.get(key)
+        if isinstance(old, dict) and isinstance(new, dict) and old.get("class_path", 0) == new.get("class_path", 0):
+            changes.append(_changed_settings(old, new, f"{prefix}{key}."))
+        elif old != new:
+            changes.append(f"{prefix}{key} {old} -> {new}")
+    return ", ".join(change for change in changes if change)
 
 
 def refuse_used_folder(run_dir: Path) -> None:

@@ -158,6 +158,10 @@ class IPGOModule(L.LightningModule):
             optimised, e.g. `[{name: shapes_oracle}]` or a held-out reward model.
     """
 
+    optimisation_settings: str | None = None
+    """The optimiser and schedule as configured (JSON; ipgo.fit sets it), kept in checkpoints: resuming restores the
+    checkpoint's, so ipgo.fit refuses a resume that asks for others."""
+
     def __init__(
         self,
         backbone: Backbone,
@@ -621,6 +625,8 @@ class IPGOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ipgo_compute"] = self._compute_so_far()
         checkpoint["ipgo_run"] = self._run_identity()
+        if self.optimisation_settings is not None:
+            checkpoint["ipgo_optimisation"] = self.optimisation_settings
         if isinstance(self.reward, CombinedReward):
             checkpoint["ipgo_reward_statistics"] = {name: asdict(s) for name, s in self.reward.stats.items()}
 

@@ -36,6 +36,9 @@ def save_before_after(before: Tensor, after: Tensor, path: Path, gap: int = 8) -
 
 def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
     """Export the tokens, render report prompts before/after on held-out seeds, write the summary."""
+    # summary.json, written last, marks a finished run: without it until every output is replaced, a continued run
+    # that fails half-way through here is resumed (and its outputs written) rather than taken for finished
+    (run_dir / "summary.json").unlink(missing_ok=True)
     tokens_path = save_tokens(run_dir / "tokens.safetensors", module.token_file())
     tokens = load_tokens(tokens_path)  # render from the file: the export is the single source of truth
 

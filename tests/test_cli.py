@@ -301,6 +301,67 @@ def test_a_run_whose_outputs_failed_is_finished_by_resuming(tmp_path, capsys, mo
     assert (tmp_path / "no_logger/summary.json").is_file()
 
 
+def test_a_continued_run_that_failed_while_writing_its_outputs_is_finished_by_resuming(tmp_path, monkeypatch):
+    """Continuing a finished run replaces its outputs: a failure half-way through leaves it unfinished, not finished
+    with the old summary beside the new tokens."""
+    folder = tmp_path / "run"
+    main([*QUICK, "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(folder)])
+    more = [*QUICK, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(folder), "--ckpt_path", "last"]
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("ipgo.report.save_before_after", out_of_memory)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            main(more)  # the new tokens were written, then rendering the grid failed
+    assert not (folder / "summary.json").exists()
+    tokens = load_file(folder / "tokens.safetensors")
+    epochs = count_training_epochs(monkeypatch)
+    main(more)
+    assert epochs == [] and (folder / "summary.json").is_file()  # only the outputs written
+    assert torch.equal(load_file(folder / "tokens.safetensors")["prefix"], tokens["prefix"])
+
+
+def test_a_resume_that_would_not_go_on_exactly_is_refused(tmp_path, monkeypatch, capsys):
+    """A checkpoint saved part-way through an epoch (a preempted job's hpc checkpoint) would step some prompts twice
+    and others not at all, and other optimiser settings than the checkpoint's would be ignored: both are refused
+    before the run's config is written again."""
+    folder = tmp_path / "run"
+    args = [*QUICK, "--data.batch_size", "1", "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(folder)]
+
+    def preempted(module, outputs, batch, batch_idx):  # what Lightning's SLURM signal handler does; then the job ends
+        if module.current_epoch == 1 and batch_idx == 0:
+            module.trainer.save_checkpoint(folder / "hpc_ckpt_1.ckpt")
+            raise RuntimeError("preempted")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(IPGOModule, "on_train_batch_end", preempted, raising=False)
+        with pytest.raises(RuntimeError, match="preempted"):
+            main(args)
+    config = (folder / "config.yaml").read_text()
+    for more, message in [
+        (["--ckpt_path", "hpc"], "hpc_ckpt_1.ckpt was saved part-way through epoch 1 (counting from 0; 1 of its "
+         "batches done), as a preempted job's hpc checkpoint is: resuming it would run that epoch's batches again from "
+         "the first, so some prompts would take two steps and others none. Instead resume from the end of its last "
+         "finished epoch with --ckpt_path last"),
+        (["--ckpt_path", "last", "--model.optimizer.init_args.lr", "0.5", "--model.lr_scheduler.init_args.gamma",
+          "0.1"], "last.ckpt was optimised with other settings (model.lr_scheduler.init_args.gamma 0.9 -> 0.1, "
+         "model.optimizer.init_args.lr 0.05 -> 0.5)"),
+        (["--ckpt_path", "last", "--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr", "0.05"],
+         "model.optimizer {'class_path': 'torch.optim.Adam'"),
+    ]:
+        err = bad_input([*args[len(QUICK):], *more], capsys)
+        assert message in err, (more, err[-800:])
+    assert (folder / "config.yaml").read_text() == config
+    (folder / "hpc_ckpt_1.ckpt").unlink()
+    err = bad_input([*args[len(QUICK):], "--ckpt_path", "hpc"], capsys)
+    assert "--ckpt_path hpc: there is no hpc_ckpt_N.ckpt in" in err
+    epochs = count_training_epochs(monkeypatch)
+    main([*args, "--ckpt_path", "last"])
+    assert epochs == [1, 1, 2, 2]
+
+
 RUNNING = ["--model.reward", "null", "--model.rewards",
            "[{name: clip_score, normalize: running, args: {model: 'tiny:clip'}}]"]
 
@@ -338,6 +399,8 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
         (["--model.sampler.height", "33"], "model.sampler.height and width must be multiples of 8"),
         (["--model.report_prompts", "-1"], "report_prompts must be >= 0"),
         (["--trainer.max_epochs", "0"], "max_epochs is 0"),
+        (["--data.limit", "1", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+         "1 prompt for 2 processes would leave a process without a prompt: run on at most 1 device"),
         (["--trainer.max_epochs", "-1", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
          "set trainer.max_epochs >= 1 and leave trainer.max_steps unset"),
         (["--model.lr_interval", "step"], "set model.lr_interval epoch (per batch, a prompt's schedule would depend"),
