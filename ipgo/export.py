@@ -104,16 +104,22 @@ class TokenFile:
                 f"size {hidden_size}{f' ({model!r})' if model else ''}. Use a token file trained for "
                 "this model family and text encoder."
             )
-        recorded = json.loads(self.extra.get("weights_signature", "{}"))  # files before the thirteenth session: none
-        current = backbone.weights_signature() if recorded else {}
+        # files before the fourteenth session kept a sample of two layers ("weights_signature"), not checked now
+        recorded = json.loads(self.extra.get("weights_fingerprint", "{}"))
+        current = backbone.weights_fingerprint() if recorded else {}
         differing = [part.replace("_", " ") for part, values in recorded.items()
                      if part in current and not same_weights(values, current[part])]
         if differing:
             warnings.warn(
-                f"these tokens were learnt on {self.base_model!r}, and this pipeline's {' and '.join(differing)} "
+                f"these tokens were learnt on {self.base_model!r}, and this pipeline's {_and(differing)} "
                 f"weights differ from that model's{f' ({model!r})' if model else ''}: the tokens apply, but its "
                 "images will differ from those the tokens were optimised for. Load the base model to reproduce them.",
                 UserWarning, stacklevel=1)  # issued here: shown once, not once per call of apply_tokens and its kin
+
+
+def _and(items: Sequence[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def starting_tokens(tokens: TokenFile, prompts: Sequence[str]) -> TokenFile:
@@ -322,6 +328,7 @@ def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
         arguments = call.arguments
         if arguments.get("prompt_embeds") is None and arguments.get("prompt") is not None:
             _refuse_unused(arguments, int(tokens.extra.get("max_sequence_length", 256)))
+            _refuse_lora_scale(pipe, arguments.get("lora_scale"))
             embeds = token_embeds(pipe, tokens, arguments["prompt"], arguments.get("negative_prompt"))
             if arguments.get("negative_prompt_embeds") is not None:  # the caller's own negatives win
                 embeds = {k: v for k, v in embeds.items() if not k.startswith("negative")}
@@ -362,6 +369,19 @@ def _refuse_unused(arguments: dict[str, Any], t5_length: int) -> None:
     if arguments.get("clip_skip") is not None:
         raise UserError("clip_skip: ipgo's tokens were learnt on the text encoder's usual output, which clip_skip "
                         "would replace; leave it out (or call remove_tokens(pipe) first)")
+
+
+def _refuse_lora_scale(pipe: Any, scale: float | None) -> None:
+    """The pipeline scales its text encoders' LoRA layers inside encode_prompt, which the tokens' embeddings bypass:
+    a scale other than 1 is refused where it would apply (a text encoder with LoRA layers)."""
+    if scale is None or scale == 1.0:
+        return
+    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    if any(any("lora_" in name for name, _ in encoder.named_modules()) for encoder in encoders if encoder is not None):
+        raise UserError(f"a LoRA scale of {scale} (cross_attention_kwargs or joint_attention_kwargs 'scale'): ipgo's "
+                        "tokens encode the prompt with the text encoders' LoRA layers at full strength, so the scale "
+                        "would be ignored there; fuse the LoRA at that scale instead (pipe.fuse_lora(lora_scale="
+                        f"{scale})) and leave the scale out")
 
 
 def remove_tokens(pipe: Any) -> Any:

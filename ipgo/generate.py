@@ -115,6 +115,8 @@ def load_pipeline(tokens: TokenFile, model: str | None = None, device: str = "cp
     extra: dict[str, Any] = {}
     if tokens.family == "sd":
         extra = {"safety_checker": None, "requires_safety_checker": False}
+    if tokens.family == "sdxl":
+        extra = {"add_watermarker": False}  # its invisible watermark (when installed) alters the pixels scored
     if model is None:  # the very weights trained on
         extra.update({key: tokens.extra[key] for key in ("revision", "variant") if key in tokens.extra})
     try:

@@ -770,7 +770,7 @@ class IPGOModule(L.LightningModule):
             "seeds": json.dumps(asdict(self.seeds)),
             "tokens": json.dumps(asdict(self.token_config)),
             "select": self.select if self.prompt_wise else "last",
-            "weights_signature": json.dumps(self.backbone.weights_signature()),  # see TokenFile.check_fits
+            "weights_fingerprint": json.dumps(self.backbone.weights_fingerprint()),  # see TokenFile.check_fits
             "ipgo_version": __version__,
         }
 

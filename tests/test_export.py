@@ -167,13 +167,14 @@ def test_token_files_name_the_weights_they_were_trained_on(tiny_sd_dir, tiny_cli
 
 
 def test_tokens_on_other_weights_of_the_same_kind_warn(tiny_sd_dir, tiny_clip_dir):
-    """A fine-tune or another checkpoint of the family: the tokens apply, with a warning that names the part; the
-    very weights trained on, cast to bfloat16, pass."""
+    """A fine-tune, a LoRA (fused or not) or another checkpoint of the family: the tokens apply, with a warning that
+    names the part; the very weights trained on, cast to bfloat16, pass."""
     import warnings
 
     tokens = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch").token_file()
     pipe = pipeline(tiny_sd_dir, "lms")
-    class Wrapped(torch.nn.Module):  # peft's naming for a layer with a LoRA adapter: the original is base_layer
+
+    class Adapted(torch.nn.Module):  # peft's layout of a layer with an unfused LoRA adapter
         def __init__(self, base):
             super().__init__()
             self.base_layer, self.lora_A = base, torch.nn.Linear(base.in_features, 2, bias=False)
@@ -181,23 +182,39 @@ def test_tokens_on_other_weights_of_the_same_kind_warn(tiny_sd_dir, tiny_clip_di
         def forward(self, x):
             return self.base_layer(x)
 
-    block = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         ipgo.token_embeds(pipe, tokens, "a cat")
         ipgo.token_embeds(pipe.to(torch.bfloat16), tokens, "a cat")
         pipe.to(torch.float32)
-        block.to_k = Wrapped(block.to_k)
-        ipgo.token_embeds(pipe, tokens, "a cat")  # read through to the base weights
-    block.to_k = block.to_k.base_layer
+    block = pipe.unet.up_blocks[-1].attentions[-1].transformer_blocks[0].attn1
+    block.to_v = Adapted(block.to_v)
+    with pytest.warns(UserWarning, match="this pipeline's denoiser weights differ from that model's"):
+        ipgo.token_embeds(pipe, tokens, "a cat")
+    block.to_v = block.to_v.base_layer
     with torch.no_grad():
-        pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight.mul_(1.1)  # a "fine-tune"
+        block.to_v.weight.mul_(1.1)  # a "fine-tune", or a fused LoRA, of any linear layer
     with pytest.warns(UserWarning, match="this pipeline's denoiser weights differ from that model's"):
         ipgo.apply_tokens(pipe, tokens)
     with torch.no_grad():
-        [*(w for key, w in pipe.text_encoder.named_parameters() if key.endswith("fc2.weight"))][-1].add_(0.05)
+        pipe.text_encoder.get_submodule("encoder.layers.0.self_attn.q_proj").weight.mul_(1.5)  # as a LoRA would
     with pytest.warns(UserWarning, match="text encoder and denoiser weights differ"):
         ipgo.token_embeds(pipe, tokens, "a cat")
+
+
+def test_a_lora_scale_the_tokens_would_ignore_is_refused(tiny_sd_dir, tiny_clip_dir):
+    """The pipeline scales its text encoder's LoRA layers inside encode_prompt, which the tokens bypass."""
+    tokens = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch").token_file()
+    pipe = ipgo.apply_tokens(pipeline(tiny_sd_dir, "lms"), tokens)
+
+    def encode(scale):
+        return pipe.encode_prompt("a cat", "cpu", 1, True, lora_scale=scale)
+
+    layer = next(m for name, m in pipe.text_encoder.named_modules() if name.endswith("layers.0.self_attn"))
+    layer.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(layer.q_proj.in_features, 2, bias=False)})
+    encode(None)
+    with pytest.raises(UserError, match=r"a LoRA scale of 0.5 .* fuse the LoRA at that scale instead"):
+        encode(0.5)
 
 
 def test_tokens_work_on_a_pipeline_with_cpu_offload(tiny_sd_dir, tiny_clip_dir):

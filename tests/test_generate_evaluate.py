@@ -282,6 +282,15 @@ def test_generate_works_for_every_family(family, ipgo_cache, tmp_path, monkeypat
     from ipgo.sampling import SamplerConfig
 
     monkeypatch.setenv("IPGO_CACHE", str(ipgo_cache))
+    if family == "sdxl":  # with invisible-watermark installed, an SDXL pipeline would alter the images scored
+
+        class Watermarker:
+            def __init__(self):
+                raise AssertionError("the images would be watermarked")
+
+        pipeline_module = "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl"
+        monkeypatch.setattr(f"{pipeline_module}.is_invisible_watermark_available", lambda: True)
+        monkeypatch.setattr(f"{pipeline_module}.StableDiffusionXLWatermarker", Watermarker, raising=False)
     sampler = SamplerConfig(scheduler="flow_euler" if family == "sd3" else "euler", num_steps=2, grad_steps=1,
                             guidance_scale=3.0, height=32, width=32)
     tokens = TokenFile(torch.randn(2, 64) * 3, torch.randn(1, 64) * 3, family=family, base_model=f"tiny:{family}",

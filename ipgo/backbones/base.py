@@ -189,6 +189,8 @@ class Backbone(nn.Module, ABC):
     """The attribute holding the denoiser (UNet or transformer)."""
     penultimate_states: ClassVar[bool] = False
     """Whether the conditioning takes the CLIP encoders' second-to-last hidden states (SDXL, SD 3)."""
+    unused_last_layer: ClassVar[tuple[str, ...]] = ()
+    """Text encoders whose last layer feeds neither the states nor a pooled embedding (SDXL's first)."""
     tokenizer_parts: ClassVar[tuple[str, ...]]
     """The tokenizers `load_tokenizer` loads (the cheap parts needed to check prompts)."""
 
@@ -312,26 +314,30 @@ class Backbone(nn.Module, ABC):
             raise RuntimeError(f"{type(self).__name__}({self.model!r}) is not loaded yet: call .load() first")
         return part
 
-    def weights_signature(self) -> dict[str, list[float]]:
-        """Sixteen values each of two weights the learned tokens meet: the MLP output projection of the text
-        encoder's layer whose states condition the denoiser (the last, or the second-to-last for families that take
-        penultimate states) and the denoiser's first cross-attention key projection. Token files record them, so
-        tokens used with other weights of the same family and width (a fine-tune, a fused LoRA, another checkpoint)
-        are noticed. A layer wrapped by a LoRA adapter is read through to its base weights (an unfused adapter is not
-        noticed). Empty for weights not in memory (offloaded to the meta device) or layers not found."""
-        text_encoder, denoiser = self._loaded(self.text_encoder), self._loaded(getattr(self, self.denoiser_part))
-        projections = [m for name, m in text_encoder.named_modules() if name.endswith("mlp.fc2")]
-        keys = [m for name, m in denoiser.named_modules() if name.endswith(("attn2.to_k", "attn.add_k_proj"))]
-        layer = -2 if self.penultimate_states else -1
-        if len(projections) < -layer or not keys:
-            return {}
+    def weights_fingerprint(self) -> dict[str, list[list[float]]]:
+        """Four values of every linear layer the learned tokens meet, per part (`text_encoder`, `text_encoder_2`,
+        ..., `denoiser`): each text encoder up to the layers its states and pooled embedding come from, and the
+        denoiser. Token files record them, so tokens used with other weights of the same family and width (a
+        fine-tune, a LoRA fused or not, another checkpoint) are noticed. Empty for weights not in memory (offloaded
+        to the meta device)."""
+        parts = [part for part in self.pipeline_parts if part.startswith("text_encoder")] + [self.denoiser_part]
         signature = {}
-        for name, module in (("text_encoder", projections[layer]), ("denoiser", keys[0])):
-            weight = getattr(module, "base_layer", module).weight  # peft's LoRA layers keep the original as base_layer
-            if weight.device.type == "meta":
+        for part in parts:
+            model = getattr(self, part)
+            if model is None:
+                continue
+            unused = set()
+            if part in self.unused_last_layer:  # e.g. SDXL's first encoder: its states are the second-to-last
+                layers = next(m for name, m in model.named_modules() if name.endswith("encoder.layers"))
+                unused = {id(m) for m in layers[-1].modules()}
+            weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in unused]
+            if any(w.device.type == "meta" for w in weights):
                 return {}
-            picks = torch.linspace(0, weight.numel() - 1, 16).round().long().to(weight.device)
-            signature[name] = [float(f"{v:.6g}") for v in weight.detach().flatten()[picks].float().tolist()]
+            picks = [w.detach().flatten()[torch.linspace(0, w.numel() - 1, 4).round().long().to(w.device)].float()
+                     for w in weights]
+            values = torch.stack(picks).cpu().tolist() if picks else []
+            signature["denoiser" if part == self.denoiser_part else part] = [
+                [float(f"{v:.6g}") for v in row] for row in values]
         return signature
 
     # -- prompts ----------------------------------------------------------------------------
@@ -495,13 +501,16 @@ def model_fingerprint(model: str) -> str | None:
     return digest.hexdigest()
 
 
-def same_weights(recorded: Sequence[float], current: Sequence[float]) -> bool:
-    """Whether two samples of `Backbone.weights_signature` are of the same weights, allowing for a cast to float16 or
-    bfloat16 (about 0.4% per value)."""
+def same_weights(recorded: Sequence[Sequence[float]], current: Sequence[Sequence[float]]) -> bool:
+    """Whether two samples of `Backbone.weights_fingerprint` (a part's rows, one per layer) are of the same weights,
+    allowing for a cast to float16 or bfloat16 (about 0.4% per value)."""
     if len(recorded) != len(current):
         return False
-    scale = max(max(abs(v) for v in recorded), 1e-8)
-    return all(abs(a - b) <= 0.02 * scale for a, b in zip(recorded, current))
+    for old, new in zip(recorded, current):
+        scale = max(max((abs(v) for v in old), default=0.0), 1e-8)
+        if len(old) != len(new) or any(abs(a - b) > 0.02 * scale for a, b in zip(old, new)):
+            return False
+    return True
 
 
 def portable_model_name(model: str) -> str:

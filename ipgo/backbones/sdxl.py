@@ -30,6 +30,7 @@ class StableDiffusionXL(Backbone):
 
     family: ClassVar[str] = "sdxl"
     penultimate_states: ClassVar[bool] = True
+    unused_last_layer: ClassVar[tuple[str, ...]] = ("text_encoder",)  # pooled comes from text_encoder_2
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     pipeline_parts: ClassVar[tuple[str, ...]] = (
         "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "unet", "vae"
