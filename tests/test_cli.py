@@ -406,6 +406,8 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
         (["--model.lr_interval", "step"], "set model.lr_interval epoch (per batch, a prompt's schedule would depend"),
         (["--trainer.gradient_clip_val", "1.0"], "use model.grad_clip, which clips each prompt's tokens alone"),
         (["--trainer.precision", "bf16-true"], "would make the learned tokens half precision too"),
+        (["--trainer.max_steps", "3"], "trainer.max_steps 3 counts batches, so a run that ends part-way through"),
+        (["--trainer.limit_train_batches", "0.5"], "would leave some prompts without steps"),
     ]
     for args, message in cases:
         err = bad_input([*args, "--trainer.default_root_dir", out], capsys)
