@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor
 
+from ipgo.errors import UserError
 from ipgo.rewards import Aesthetic, ClipScore, Reward, differentiable_preprocess
 from ipgo.rewards.aesthetic import AestheticHead
 from ipgo.rewards.base import load_clip
@@ -96,6 +97,33 @@ def test_preprocess_matches_image_processor(tiny_clip_dir: Path, backend: str) -
     assert ours.shape == expected.shape == (1, 3, 32, 32)
     diff = (ours - expected).abs()
     assert diff.mean() < 0.02 and diff.max() < 0.1  # uint8 rounding inside the processor
+
+
+def test_preprocess_crops_like_torchvision_and_stretches_like_transformers() -> None:
+    """ImageReward and the aesthetic head were trained on torchvision's CenterCrop, which rounds its offset to nearest;
+    a processor sized by height and width alone stretches the image, keeping no aspect ratio."""
+    from torchvision import transforms
+
+    from ipgo.rewards.base import image_resize
+
+    pixels = torch.rand(1, 3, 40, 49, generator=torch.Generator().manual_seed(0))  # resized to 32 x 39: margin 15
+    reference = transforms.Compose([transforms.Resize(32, transforms.InterpolationMode.BICUBIC, antialias=True),
+                                    transforms.CenterCrop(24), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])(pixels)
+    nearest = differentiable_preprocess(pixels, 32, (0.5,) * 3, (0.5,) * 3, 24, crop_rounding="nearest")
+    torch.testing.assert_close(nearest, reference, atol=1e-4, rtol=0)
+    down = differentiable_preprocess(pixels, 32, (0.5,) * 3, (0.5,) * 3, 24)  # CLIPImageProcessor's offset
+    assert (down - reference).abs().mean() > 0.1
+
+    processor = CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False)
+    image = _test_image()
+    expected = processor(images=image, return_tensors="pt").pixel_values
+    assert image_resize(processor) == (32, 32, "stretch")
+    ours = differentiable_preprocess(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255, 32,
+                                     processor.image_mean, processor.image_std, 32, "stretch")
+    assert ours.shape == expected.shape == (1, 3, 32, 32)
+    assert (ours - expected).abs().mean() < 0.02  # uint8 rounding inside the processor
+    with pytest.raises(UserError, match="resizes to 32 x 48, not a square"):
+        image_resize(CLIPImageProcessor(size={"height": 32, "width": 48}))
 
 
 def test_preprocess_pads_like_open_clip_resize_longest() -> None:

@@ -95,6 +95,7 @@ class Aesthetic(ClipReward):
     """
 
     name = "aesthetic"
+    crop_rounding = "nearest"  # the head was trained on embeddings of OpenAI CLIP's own (torchvision) preprocessing
 
     def __init__(self, head: str, clip_model: str = "openai/clip-vit-large-patch14") -> None:
         super().__init__(clip_model)

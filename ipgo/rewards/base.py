@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ipgo.backbones.base import ModelNotFoundError
 from ipgo.caching import cached
+from ipgo.errors import UserError
 from ipgo.testing import is_tiny, resolve_source
 
 if TYPE_CHECKING:
@@ -115,14 +116,17 @@ class ClipReward(Reward):
         self.clip: CLIPModel | None = None
         self.tokenizer: CLIPTokenizer | None = None
         self._size = self._crop = 224
+        self._fit: Literal["crop", "stretch"] = "crop"
         self._mean: Sequence[float] = ()
         self._std: Sequence[float] = ()
 
+    crop_rounding: ClassVar[Literal["down", "nearest"]] = "down"
+    """How the centre crop's offset rounds: down as CLIPImageProcessor, or to nearest as torchvision's CenterCrop
+    (the preprocessing of the original OpenAI CLIP)."""
+
     def _load(self) -> None:
         self.clip, processor, self.tokenizer = load_clip(self.clip_model)
-        size, crop = _size_value(processor.size, "shortest_edge"), _size_value(processor.crop_size, "height")
-        self._crop = crop or size or 224
-        self._size = size or self._crop
+        self._size, self._crop, self._fit = image_resize(processor)
         self._mean, self._std = tuple(processor.image_mean), tuple(processor.image_std)
 
     @property
@@ -134,8 +138,25 @@ class ClipReward(Reward):
 
     def image_features(self, images: Tensor) -> Tensor:
         """Projected CLIP image embeddings ``[B, D]`` (not normalised), differentiable in ``images``."""
-        pixels = differentiable_preprocess(images.float(), self._size, self._mean, self._std, self._crop)
+        pixels = differentiable_preprocess(images.float(), self._size, self._mean, self._std, self._crop, self._fit,
+                                           self.crop_rounding)
         return _vector(self.clip.get_image_features(pixel_values=pixels.to(self.clip.dtype)))
+
+
+def image_resize(processor: Any) -> tuple[int, int, Literal["crop", "stretch"]]:
+    """`(size, crop_size, fit)` of a CLIP image processor for `differentiable_preprocess`: a `shortest_edge` size
+    keeps the aspect ratio (CLIP's processors); a `height` and `width` alone stretch the image to them, as
+    transformers does."""
+    size, crop = _size_value(processor.size, "shortest_edge"), _size_value(processor.crop_size, "height")
+    height, width = _size_value(processor.size, "height"), _size_value(processor.size, "width")
+    if size is None and height is not None:
+        if height != width:
+            raise UserError(f"the CLIP image processor resizes to {height} x {width}, not a square: ipgo's rewards "
+                            "take square inputs; use a processor whose size is shortest_edge or a square")
+        cropped = crop if getattr(processor, "do_center_crop", True) and crop else height
+        return height, min(cropped, height), "stretch"
+    crop = crop or size or 224
+    return size or crop, crop, "crop"
 
 
 def _size_value(size: object, key: str) -> int | None:
@@ -150,12 +171,14 @@ def _vector(output: object) -> Tensor:
 
 def differentiable_preprocess(
     images: Tensor, size: int, mean: Sequence[float], std: Sequence[float], crop_size: int | None = None,
-    fit: Literal["crop", "pad"] = "crop",
+    fit: Literal["crop", "pad", "stretch"] = "crop", crop_rounding: Literal["down", "nearest"] = "down",
 ) -> Tensor:
     """CLIP-style preprocessing with tensor ops only, so gradients reach the pixels.
 
     ``fit="crop"`` (CLIP's processors): resizes the shortest side to ``size`` (bicubic, antialiased; the long side
-    rounds down as in ``CLIPImageProcessor``) and centre-crops to ``crop_size`` (default ``size``).
+    rounds down as in ``CLIPImageProcessor``) and centre-crops to ``crop_size`` (default ``size``); the crop's
+    offset rounds down as in ``CLIPImageProcessor`` or, with ``crop_rounding="nearest"``, as torchvision's
+    ``CenterCrop``. ``fit="stretch"``: resizes to ``size`` square, whatever the aspect ratio, then centre-crops.
     ``fit="pad"`` (open_clip's ``resize_mode="longest"``, which HPSv2 scores with): resizes the longest side to
     ``size`` and pads the short one with black to a centred square. Then normalises.
 
@@ -165,7 +188,8 @@ def differentiable_preprocess(
         mean: Per-channel mean.
         std: Per-channel standard deviation.
         crop_size: Side of the square centre crop; at most ``size`` (crop only).
-        fit: "crop" or "pad", see above.
+        fit: "crop", "stretch" or "pad", see above.
+        crop_rounding: "down" or "nearest", see above.
 
     Returns:
         ``[B, 3, side, side]`` normalised images (side: ``crop_size`` or ``size``), same dtype as ``images``.
@@ -180,14 +204,18 @@ def differentiable_preprocess(
         crop = size if crop_size is None else crop_size
         if crop > size:
             raise ValueError(f"crop_size {crop} is larger than the resized shortest side {size}.")
-        new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+        new_h, new_w = (size, size) if fit == "stretch" else \
+            (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     if (new_h, new_w) != (h, w):
         images = F.interpolate(images, (new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
     if fit == "pad":
         pad_h, pad_w = size - new_h, size - new_w
         images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
     else:
-        top, left = (new_h - crop) // 2, (new_w - crop) // 2
+        if crop_rounding == "nearest":
+            top, left = int(round((new_h - crop) / 2)), int(round((new_w - crop) / 2))
+        else:
+            top, left = (new_h - crop) // 2, (new_w - crop) // 2
         images = images[..., top : top + crop, left : left + crop]
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)

@@ -354,7 +354,8 @@ class ImageReward(Reward):
 
     def features(self, images: Tensor, prompts: list[str]) -> Tensor:
         """The text encoder's first-token output ``[B, D]``, the MLP's input; differentiable in ``images``."""
-        pixels = differentiable_preprocess(images.float(), self._size, IMAGE_MEAN, IMAGE_STD)
+        pixels = differentiable_preprocess(images.float(), self._size, IMAGE_MEAN, IMAGE_STD,
+                                           crop_rounding="nearest")  # its reference crops with torchvision
         input_ids, attention_mask = self.tokenize(prompts)
         return self.model.features(pixels.to(self._where.dtype), input_ids, attention_mask)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ipgo.backbones.base import ModelNotFoundError
-from ipgo.rewards.base import _CLIP_HINT, _missing_model_message, _size_value, check_source, load_clip_processing
+from ipgo.rewards.base import _CLIP_HINT, _missing_model_message, check_source, image_resize, load_clip_processing
 from ipgo.rewards.clip_score import ClipScore
 from ipgo.testing import resolve_source
 
@@ -42,9 +42,7 @@ class PickScore(ClipScore):
         except OSError as err:
             raise ModelNotFoundError(_missing_model_message(model, err)) from err
         self.clip, self.tokenizer = clip.eval(), tokenizer
-        size, crop = _size_value(processor.size, "shortest_edge"), _size_value(processor.crop_size, "height")
-        self._crop = crop or size or 224
-        self._size = size or self._crop
+        self._size, self._crop, self._fit = image_resize(processor)
         self._mean, self._std = tuple(processor.image_mean), tuple(processor.image_std)
 
     def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
