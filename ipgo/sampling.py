@@ -131,16 +131,32 @@ class TruncatedSampler:
             for t in timesteps[:n_free]:
                 latents = self._step(backbone, scheduler, latents, t, frozen, guided)
         for t in timesteps[n_free:]:
-            latents = self._step(backbone, scheduler, latents, t, both, guided)
+            # while the latents carry no gradient (the first gradient step), the unconditional half cannot reach the
+            # tokens: it runs without a graph, which halves what that step stores for the backward pass
+            split = guided and requires_grad(cond) and not requires_grad(uncond) and not latents.requires_grad
+            latents = self._step(backbone, scheduler, latents, t, (uncond, cond) if split else both, guided)
         return backbone.decode(latents)
 
-    def _step(self, backbone: Backbone, scheduler: Any, latents: Tensor, t: Tensor, cond: Conditioning,
-              guided: bool) -> Tensor:
-        model_input = torch.cat([latents] * 2) if guided else latents
-        if hasattr(scheduler, "scale_model_input"):  # flow matching has none
-            model_input = scheduler.scale_model_input(model_input, t)
-        prediction = backbone.denoise(model_input, t, cond)
-        if guided:
+    def _step(self, backbone: Backbone, scheduler: Any, latents: Tensor, t: Tensor,
+              cond: Conditioning | tuple[Conditioning, Conditioning], guided: bool) -> Tensor:
+        """One scheduler step; `cond` is the (2B or B) batch, or (unconditional, conditional) to run apart."""
+        scale = getattr(scheduler, "scale_model_input", None)  # flow matching has none
+        if isinstance(cond, tuple):
+            model_input = latents if scale is None else scale(latents, t)
+            with torch.no_grad():
+                uncond_pred = backbone.denoise(model_input, t, cond[0])
+            cond_pred = backbone.denoise(model_input, t, cond[1])
+        else:
+            model_input = torch.cat([latents] * 2) if guided else latents
+            prediction = backbone.denoise(model_input if scale is None else scale(model_input, t), t, cond)
+            if not guided:
+                return scheduler.step(prediction, t, latents, return_dict=False)[0]
             uncond_pred, cond_pred = prediction.chunk(2)
-            prediction = uncond_pred + self.config.guidance_scale * (cond_pred - uncond_pred)
+        prediction = uncond_pred + self.config.guidance_scale * (cond_pred - uncond_pred)
         return scheduler.step(prediction, t, latents, return_dict=False)[0]
+
+
+def requires_grad(cond: Conditioning) -> bool:
+    """Whether gradients flow through the conditioning (and are being recorded)."""
+    pooled = cond.pooled is not None and cond.pooled.requires_grad
+    return torch.is_grad_enabled() and (cond.hidden.requires_grad or pooled)

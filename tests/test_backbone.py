@@ -92,3 +92,21 @@ def test_guidance_distilled_unets_are_refused(tiny_sd_dir, tmp_path):
     with pytest.raises(UserError, match="guidance-distilled UNet .* use the base model"):
         backbone.load()
     assert backbone.text_encoder is None and backbone.unet is None  # refused from its config: no weights loaded
+
+
+def test_renders_are_decoded_one_image_at_a_time(tiny_backbone):
+    """Without gradients (reports, validation) the VAE decodes image by image: a 1024 px SDXL decode holds about
+    3 GiB of activations per image. With gradients it decodes the batch at once, as the graph holds them all anyway."""
+    latents = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    batches = []
+    hook = tiny_backbone.vae.decoder.register_forward_hook(lambda module, args, out: batches.append(len(args[0])))
+    try:
+        with torch.no_grad():
+            rendered = tiny_backbone.decode(latents)
+        assert batches == [1, 1, 1]
+        batches.clear()
+        trained = tiny_backbone.decode(latents.clone().requires_grad_())
+        assert batches == [3]
+    finally:
+        hook.remove()
+    torch.testing.assert_close(rendered, trained.detach(), atol=1e-6, rtol=0)

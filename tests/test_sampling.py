@@ -54,7 +54,33 @@ def test_gradient_comes_only_from_last_steps(tiny_backbone):
         TruncatedSampler(config)(tiny_backbone, cond, uncond, noise)
     finally:
         del tiny_backbone.denoise
-    assert calls == [False, False, False, True]
+    assert calls == [False] * 3 + [False, True]  # the last: its unconditional half apart, without a graph
+
+
+def saved_elements(fn):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = fn()
+    return out, sum(saved)
+
+
+def test_the_first_gradient_step_keeps_no_graph_of_the_unconditional_half(tiny_backbone):
+    """Its latents carry no gradient yet, so the unconditional half cannot reach the tokens: it runs apart, without a
+    graph, and gives the image and gradient of one batched call."""
+    config = SamplerConfig(scheduler="ddim", num_steps=4, grad_steps=2, guidance_scale=4.0, height=32, width=32)
+    noise = initial_noise(tiny_backbone, config, [0], "cpu")
+    results = []
+    for batched in (False, True):
+        cond, uncond = embeddings(tiny_backbone)
+        if batched:  # a differentiable unconditional branch stays in the batched call
+            uncond = Conditioning(uncond.hidden.clone().requires_grad_())
+        image, saved = saved_elements(lambda: TruncatedSampler(config)(tiny_backbone, cond, uncond, noise))
+        image.mean().backward()
+        results.append((image.detach(), cond.hidden.grad, saved))
+    (split, split_grad, split_saved), (batched, batched_grad, batched_saved) = results
+    torch.testing.assert_close(split, batched, atol=1e-5, rtol=0)
+    torch.testing.assert_close(split_grad, batched_grad, atol=1e-7, rtol=1e-4)
+    assert split_saved < 0.9 * batched_saved, (split_saved, batched_saved)
 
 
 @pytest.mark.parametrize("name", sorted(set(SCHEDULERS) - {"flow_euler"}))

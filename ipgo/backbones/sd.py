@@ -78,4 +78,8 @@ def decode_vae(vae: Any, latents: Tensor, shift: float = 0.0, latent_statistics:
         scaled = latents * std / config.scaling_factor + mean
     else:
         scaled = latents / config.scaling_factor + shift
-    return (vae.decode(scaled, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+    if torch.is_grad_enabled() and scaled.requires_grad:
+        images = vae.decode(scaled, return_dict=False)[0]
+    else:  # renders for reports and validation: one at a time, as a 1024 px decode holds gigabytes of activations
+        images = torch.cat([vae.decode(one, return_dict=False)[0] for one in scaled.split(1)])
+    return (images.float() / 2 + 0.5).clamp(0, 1)
