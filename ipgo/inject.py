@@ -11,7 +11,8 @@ conditioning sequence is
 after the CLIP states (SD 3: its T5 states) keeps that part as it is; only CLIP's padding states give way.
 `layout="unpadded"` (the published notebook) uses total = n_p + L + n_s, so the prompts of one
 `conditioning` call must share L: a shorter row stretched to a longer one's length would see
-filler states after its suffix (cross-attention has no mask) and give other images than alone.
+filler states after its suffix and give other images than alone, unless a cross-attention mask
+hides them (`masked`, on UNets; diffusers pipelines pass none, so the token files' path groups).
 Either way n_p + L + n_s <= S must hold (the backbone truncates or rejects longer prompts).
 
 Classifier-free guidance uses the model family's unconditional branch with no learned
@@ -30,6 +31,7 @@ Conformity (a soft penalty) keeps the token-mean of [P ; h[:L] ; Q] near that of
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -109,17 +111,21 @@ def conditioning(
     too_long: TooLong = "error",
     negative_prompts: Sequence[str] | None = None,
     prompt_attention: bool = False,
+    masked: bool = False,
 ) -> tuple[Conditioning, Conditioning, PromptEmbeds, Tensor, Tensor]:
     """Conditioning, unconditional branch, the prompts' embeddings and the tokens as placed.
 
     The one place that turns prompts plus tokens into denoiser inputs: training, rendering
     and the diffusers integration all call it. Zero-length prefix and suffix with the padded
     layout give exactly the plain pipeline's embeddings. With `prompt_attention` (IPGO+) the
-    returned prefix and suffix are the prompt-conditioned ones.
+    returned prefix and suffix are the prompt-conditioned ones. With `masked` and a denoiser that takes a
+    cross-attention mask, unpadded prompts of different lengths share the call: each row is masked to its own
+    n_p + L + n_s states (and its unconditional branch to as many), so it gives the images it gives alone.
     """
     n_p, n_s = prefix.shape[1], suffix.shape[1]
     embeds = backbone.encode(prompts, reserved=n_p + n_s, too_long=too_long)
-    if layout == "unpadded" and len(set(embeds.lengths.tolist())) > 1:
+    lengths_differ = layout == "unpadded" and len(set(embeds.lengths.tolist())) > 1
+    if lengths_differ and not (masked and backbone.masks_cross_attention):
         raise UserError(
             "with the unpadded layout, prompts of different token lengths cannot share one call (the shorter ones "
             "would be stretched with filler states and give other images): call once per prompt, or per length"
@@ -136,4 +142,7 @@ def conditioning(
     placed = inject(clip, embeds.lengths, prefix, suffix, total - tail.shape[1])
     cond = Conditioning(torch.cat([placed, tail], dim=1), embeds.pooled)
     uncond = backbone.negative(len(prompts), total, negative_prompts)
+    if lengths_differ:
+        mask = torch.arange(total, device=device)[None] < (n_p + n_s + embeds.lengths.to(device))[:, None]  # (B, total)
+        cond, uncond = replace(cond, mask=mask), replace(uncond, mask=mask)
     return cond, uncond, embeds, prefix, suffix

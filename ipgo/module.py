@@ -577,8 +577,9 @@ class IPGOModule(L.LightningModule):
         """Images (len(seeds), 3, H, W) of the prompts with these tokens, for `seeds` given prompt-major (the same
         number per prompt), and each prompt's conformity penalty (len(prompts),).
 
-        With the unpadded layout, prompts of different token lengths go through the denoiser separately (see
-        `ipgo.inject`), so a prompt's images do not depend on the prompts batched with it.
+        With the unpadded layout, prompts of different token lengths share the denoiser batch under a
+        cross-attention mask, or go through it separately where the denoiser takes none (SD 3; see `ipgo.inject`),
+        so a prompt's images do not depend on the prompts batched with it.
         """
         n = len(seeds) // len(prompts)
         images: list[Tensor] = [torch.empty(0)] * len(prompts)
@@ -587,7 +588,7 @@ class IPGOModule(L.LightningModule):
             rows = torch.tensor(group, device=prefix.device)
             cond, uncond, embeds, placed_prefix, placed_suffix = conditioning(
                 self.backbone, [prompts[i] for i in group], prefix[rows], suffix[rows], layout, too_long,
-                prompt_attention=attention,
+                prompt_attention=attention, masked=True,
             )
             group_seeds = [seeds[i * n + k] for i in group for k in range(n)]
             noise = initial_noise(self.backbone, self.sampler_config, group_seeds, self.device)
@@ -599,9 +600,9 @@ class IPGOModule(L.LightningModule):
 
     def _length_groups(self, prompts: Sequence[str], reserved: int, layout: Layout,
                        too_long: TooLong) -> list[list[int]]:
-        """Positions of the prompts that can share a denoiser batch: all of them, or with the unpadded layout
-        those of the same token length."""
-        if layout != "unpadded":
+        """Positions of the prompts that can share a denoiser batch: all of them, or with the unpadded layout on a
+        denoiser without a cross-attention mask (SD 3) those of the same token length."""
+        if layout != "unpadded" or self.backbone.masks_cross_attention:
             return [list(range(len(prompts)))]
         groups: dict[int, list[int]] = {}
         for i, length in enumerate(self.backbone.encode(prompts, reserved, too_long).lengths.tolist()):

@@ -104,6 +104,35 @@ def test_batched_prompt_wise_equals_one_prompt_at_a_time(tiny_sd_dir, tiny_clip_
         assert torch.allclose(batched, alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_unpadded_prompts_of_different_lengths_share_one_denoiser_batch(family, tiny_sd_dir, tiny_clip_dir,
+                                                                         ipgo_cache):
+    """Each row is masked to its own n_p + L + n_s states: one batch, the images of one prompt at a time."""
+    from ipgo.backbones import StableDiffusionXL
+    from ipgo.testing import tiny_sdxl_path
+
+    module = make_module(tiny_sd_dir, tiny_clip_dir, layout="unpadded")
+    if family == "sdxl":
+        module.backbone = StableDiffusionXL(str(tiny_sdxl_path(ipgo_cache)))
+    module.prepare(PROMPTS)
+    assert len(set(module.backbone.encode(PROMPTS, 4).lengths.tolist())) > 1
+    prefix, suffix = (t.detach() * 5 for t in module.tokens(range(3)))  # tokens that change the images
+    batches = []
+    hook = module.backbone.unet.register_forward_hook(lambda unet, args, out: batches.append(len(args[0])))
+    try:
+        together = module.render(PROMPTS, [7, 8], prefix, suffix)
+        assert batches == [12] * 4  # 3 prompts x 2 seeds, with the unconditional half, at each of the 4 steps
+        alone = torch.cat([module.render([p], [7, 8], prefix[i : i + 1], suffix[i : i + 1])
+                           for i, p in enumerate(PROMPTS)])
+    finally:
+        hook.remove()
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    padded = make_module(tiny_sd_dir, tiny_clip_dir)
+    padded.backbone = module.backbone
+    padded.prepare(PROMPTS)
+    assert (padded.render(PROMPTS, [7, 8], prefix, suffix) - together).abs().max() > 1e-3  # the layouts differ
+
+
 def test_prompt_batch_shares_tokens_and_validates(tiny_sd_dir, tiny_clip_dir, tmp_path):
     prompts = PROMPTS + ["a yellow circle", "a blue triangle on the left"]
     module = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch")

@@ -45,23 +45,29 @@ class PromptEmbeds:
 
 @dataclass
 class Conditioning:
-    """What the denoiser is conditioned on: token states (B, S', D) and an optional pooled (B, P)."""
+    """What the denoiser is conditioned on: token states (B, S', D), an optional pooled (B, P), and an optional
+    mask (B, S') of the states cross-attention may see (rows of different lengths in one batch; None: all)."""
 
     hidden: Tensor
     pooled: Tensor | None = None
+    mask: Tensor | None = None
 
     def repeat_interleave(self, n: int) -> Conditioning:
         pooled = None if self.pooled is None else self.pooled.repeat_interleave(n, 0)
-        return Conditioning(self.hidden.repeat_interleave(n, 0), pooled)
+        mask = None if self.mask is None else self.mask.repeat_interleave(n, 0)
+        return Conditioning(self.hidden.repeat_interleave(n, 0), pooled, mask)
 
     def detach(self) -> Conditioning:
-        return Conditioning(self.hidden.detach(), None if self.pooled is None else self.pooled.detach())
+        return Conditioning(self.hidden.detach(), None if self.pooled is None else self.pooled.detach(), self.mask)
 
     @staticmethod
     def cat(first: Conditioning, second: Conditioning) -> Conditioning:
         """Batch-concatenate (unconditional first, as diffusers pipelines do)."""
         pooled = None if first.pooled is None else torch.cat([first.pooled, second.pooled])
-        return Conditioning(torch.cat([first.hidden, second.hidden]), pooled)
+        masks = [c.mask if c.mask is not None else torch.ones(c.hidden.shape[:2], dtype=torch.bool,
+                                                              device=c.hidden.device) for c in (first, second)]
+        mask = None if first.mask is None and second.mask is None else torch.cat(masks)
+        return Conditioning(torch.cat([first.hidden, second.hidden]), pooled, mask)
 
 
 class ModelNotFoundError(UserError, FileNotFoundError):
@@ -189,6 +195,8 @@ class Backbone(nn.Module, ABC):
     """The attribute holding the denoiser (UNet or transformer)."""
     penultimate_states: ClassVar[bool] = False
     """Whether the conditioning takes the CLIP encoders' second-to-last hidden states (SDXL, SD 3)."""
+    masks_cross_attention: ClassVar[bool] = False
+    """Whether `denoise` honours `Conditioning.mask` (UNets do: prompts of different lengths share a batch)."""
     unused_last_layer: ClassVar[tuple[str, ...]] = ()
     """Text encoders whose last layer feeds neither the states nor a pooled embedding (SDXL's first)."""
     tokenizer_parts: ClassVar[tuple[str, ...]]

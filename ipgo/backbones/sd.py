@@ -20,6 +20,7 @@ class StableDiffusion(Backbone):
 
     family: ClassVar[str] = "sd"
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    masks_cross_attention: ClassVar[bool] = True
     pipeline_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "text_encoder", "unet", "vae")
 
     def __init__(
@@ -60,7 +61,8 @@ class StableDiffusion(Backbone):
 
     def denoise(self, latents: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         unet = self._loaded(self.unet)
-        return unet(latents, timestep, encoder_hidden_states=cond.hidden.to(unet.dtype), return_dict=False)[0]
+        return unet(latents, timestep, encoder_hidden_states=cond.hidden.to(unet.dtype),
+                    encoder_attention_mask=cond.mask, return_dict=False)[0]
 
     def decode(self, latents: Tensor) -> Tensor:
         return decode_vae(self._loaded(self.vae), latents)

@@ -32,6 +32,7 @@ class StableDiffusionXL(Backbone):
     penultimate_states: ClassVar[bool] = True
     unused_last_layer: ClassVar[tuple[str, ...]] = ("text_encoder",)  # pooled comes from text_encoder_2
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
+    masks_cross_attention: ClassVar[bool] = True
     pipeline_parts: ClassVar[tuple[str, ...]] = (
         "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "unet", "vae"
     )
@@ -94,7 +95,7 @@ class StableDiffusionXL(Backbone):
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=unet.dtype, device=latents.device)
         added = {"text_embeds": cond.pooled.to(unet.dtype), "time_ids": time_ids.expand(latents.shape[0], -1)}
         return unet(latents, timestep, encoder_hidden_states=cond.hidden.to(unet.dtype), added_cond_kwargs=added,
-                    return_dict=False)[0]
+                    encoder_attention_mask=cond.mask, return_dict=False)[0]
 
     def decode(self, latents: Tensor) -> Tensor:
         return decode_vae(self._loaded(self.vae), latents, latent_statistics=True)
