@@ -138,6 +138,7 @@ def main(args: list[str] | None = None) -> IPGOCLI:
         args=args,
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # one way to choose them: model.optimizer and model.lr_scheduler
         parser_kwargs={"description": "Learn IPGO prefix/suffix tokens for a frozen text-to-image model."},
     )
     run_dir = Path(cli.trainer.default_root_dir)
@@ -168,10 +169,9 @@ def main(args: list[str] | None = None) -> IPGOCLI:
         if ckpt_path is not None:
             raise UserError("multi-process prompt-wise runs cannot resume from a checkpoint; run them again")
         epochs = cli.trainer.max_epochs  # Lightning sets its default only for fit, not for this path
-        if epochs is None or epochs < 1 or cli.trainer.max_steps != -1:
+        if epochs is None or epochs < 1:
             raise ConfigError(f"multi-process prompt-wise runs take trainer.max_epochs steps per prompt (got "
-                              f"max_epochs {epochs}, max_steps {cli.trainer.max_steps}): set trainer.max_epochs >= 1 "
-                              "and leave trainer.max_steps unset")
+                              f"max_epochs {epochs}): set trainer.max_epochs >= 1")
         cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
     else:
         if checkpoint is not None:
@@ -246,20 +246,24 @@ def check_checkpoint(cli: IPGOCLI, path: Path) -> int:
     epochs = loop.get("epoch_progress", {}).get("current", {})
     # saved at the end of a training epoch: "processed" counts it, "completed" not yet
     done = int(epochs.get("processed", saved.get("epoch", -1) + 1))
-    batches = int(loop.get("epoch_loop.batch_progress", {}).get("current", {}).get("processed", 0))
+    batch_progress = loop.get("epoch_loop.batch_progress", {})
+    batches = batch_progress.get("current", {})
     del saved
     cli.datamodule.setup("fit")
     cli.model.check_checkpoint_run(run, cli.datamodule.train_prompts)
-    if epochs.get("started", done) > done:
+    if epochs.get("started", done) > done and batch_progress.get("is_last_batch") and \
+            batches.get("processed") == batches.get("ready"):
+        done += 1  # saved after the epoch's last step (at validation end, or by a step-count checkpoint)
+    elif epochs.get("started", done) > done:
         last = Path(cli.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         hint = ("resume from the end of its last finished epoch with --ckpt_path last"
                 if last.is_file() and last.resolve() != path.resolve() else "start the run again in a new folder")
-        raise UserError(f"{path.name} was saved part-way through epoch {done} (counting from 0; {batches} of its "
-                        "batches done), as a preempted job's hpc checkpoint is: resuming it would run that epoch's "
-                        "batches again from the first, so some prompts would take two steps and others none. Instead "
-                        f"{hint}")
-    if settings is not None and settings != cli.model.optimisation_settings:
-        changed = _changed_settings(json.loads(settings), json.loads(cli.model.optimisation_settings))
+        raise UserError(f"{path.name} was saved part-way through epoch {done} (counting from 0; "
+                        f"{batches.get('processed', 0)} of its batches done), as a preempted job's hpc checkpoint "
+                        "is: resuming it would run that epoch's batches again from the first, so some prompts would "
+                        f"take two steps and others none. Instead {hint}")
+    changed = settings and _changed_settings(json.loads(settings), json.loads(cli.model.optimisation_settings))
+    if changed:
         raise UserError(f"{path.name} was optimised with other settings ({changed}). Resuming restores the "
                         "checkpoint's optimiser and learning-rate schedule, so these would be ignored: leave them as "
                         "they were (the run's config.yaml), or start a new run")
@@ -267,10 +271,12 @@ def check_checkpoint(cli: IPGOCLI, path: Path) -> int:
 
 
 def _changed_settings(saved: dict[str, Any], given: dict[str, Any], prefix: str = "model.") -> str:
-    """`key saved -> given` for each setting that differs, e.g. `model.optimizer.init_args.lr 0.05 -> 0.5`."""
+    """`key saved -> given` for each setting both name with different values, e.g.
+    `model.optimizer.init_args.lr 0.05 -> 0.5` (an argument only one side has, e.g. one a newer torch added, is
+    not a change)."""
     changes = []
-    for key in sorted(set(saved) | set(given)):
-        old, new = saved.get(key), given.get(key)
+    for key in sorted(set(saved) & set(given)):
+        old, new = saved[key], given[key]
         if isinstance(old, dict) and isinstance(new, dict) and old.get("class_path", 0) == new.get("class_path", 0):
             changes.append(_changed_settings(old, new, f"{prefix}{key}."))
         elif old != new:

@@ -341,11 +341,12 @@ class IPGOModule(L.LightningModule):
                 "prompt-wise optimisation steps each prompt's own tokens every epoch; gradient accumulation "
                 "does not apply: remove trainer.accumulate_grad_batches"
             )
-        if trainer.max_steps != -1:
+        if trainer.max_steps != -1 and not trainer.fast_dev_run:  # a debugging run may step the first batch only
             raise ConfigError(f"prompt-wise: trainer.max_steps {trainer.max_steps} counts batches, so a run that ends "
                               "part-way through an epoch would step some prompts once more than others: set "
                               "trainer.max_epochs (the steps per prompt) and leave trainer.max_steps unset")
-        if trainer.limit_train_batches != 1.0 or trainer.overfit_batches:
+        every_batch = isinstance(trainer.limit_train_batches, float) and trainer.limit_train_batches == 1.0
+        if not trainer.fast_dev_run and (not every_batch or trainer.overfit_batches):
             raise ConfigError("prompt-wise: trainer.limit_train_batches or overfit_batches would leave some prompts "
                               "without steps (each epoch steps every prompt once): to run on fewer prompts, set "
                               "data.limit")

@@ -362,6 +362,40 @@ def test_a_resume_that_would_not_go_on_exactly_is_refused(tmp_path, monkeypatch,
     assert epochs == [1, 1, 2, 2]
 
 
+def test_resume_compares_the_optimiser_settings_both_sides_name():
+    """A setting one side lacks (an argument a newer torch added) is no change; a different value is."""
+    from ipgo.cli import _changed_settings
+
+    saved = {"optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.05, "betas": [0.9, 0.999]}},
+             "lr_scheduler": None}
+    newer = {"optimizer": {"class_path": "torch.optim.Adam",
+                           "init_args": {"lr": 0.05, "betas": [0.9, 0.999], "decoupled_weight_decay": False}},
+             "lr_scheduler": None}
+    assert _changed_settings(saved, newer) == ""
+    newer["optimizer"]["init_args"]["lr"] = 0.5
+    assert _changed_settings(saved, newer) == "model.optimizer.init_args.lr 0.05 -> 0.5"
+
+
+def test_a_checkpoint_saved_after_an_epochs_last_step_resumes(tmp_path, monkeypatch):
+    """Saved after the last batch of an epoch (by a step-count checkpoint, or at validation end), a checkpoint has
+    finished that epoch, though Lightning counts it as processed only later: it resumes with the next one."""
+    folder = tmp_path / "run"
+    args = [*QUICK, "--data.batch_size", "1", "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(folder)]
+
+    def preempted(module, outputs, batch, batch_idx):
+        if module.current_epoch == 1 and batch_idx == 1:  # the epoch's last batch (two prompts, one per batch)
+            module.trainer.save_checkpoint(folder / "hpc_ckpt_1.ckpt")
+            raise RuntimeError("preempted")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(IPGOModule, "on_train_batch_end", preempted, raising=False)
+        with pytest.raises(RuntimeError, match="preempted"):
+            main(args)
+    epochs = count_training_epochs(monkeypatch)
+    main([*args, "--ckpt_path", "hpc"])
+    assert epochs == [2, 2]
+
+
 RUNNING = ["--model.reward", "null", "--model.rewards",
            "[{name: clip_score, normalize: running, args: {model: 'tiny:clip'}}]"]
 
@@ -402,12 +436,14 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
         (["--data.limit", "1", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
          "1 prompt for 2 processes would leave a process without a prompt: run on at most 1 device"),
         (["--trainer.max_epochs", "-1", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
-         "set trainer.max_epochs >= 1 and leave trainer.max_steps unset"),
+         "(got max_epochs -1): set trainer.max_epochs >= 1"),
         (["--model.lr_interval", "step"], "set model.lr_interval epoch (per batch, a prompt's schedule would depend"),
         (["--trainer.gradient_clip_val", "1.0"], "use model.grad_clip, which clips each prompt's tokens alone"),
         (["--trainer.precision", "bf16-true"], "would make the learned tokens half precision too"),
         (["--trainer.max_steps", "3"], "trainer.max_steps 3 counts batches, so a run that ends part-way through"),
         (["--trainer.limit_train_batches", "0.5"], "would leave some prompts without steps"),
+        (["--trainer.limit_train_batches", "1"], "would leave some prompts without steps"),  # one batch, not all
+        (["--optimizer", "torch.optim.SGD"], "unrecognized arguments: --optimizer"),  # one way: model.optimizer
     ]
     for args, message in cases:
         err = bad_input([*args, "--trainer.default_root_dir", out], capsys)

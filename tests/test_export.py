@@ -187,6 +187,9 @@ def test_tokens_on_other_weights_of_the_same_kind_warn(tiny_sd_dir, tiny_clip_di
         ipgo.token_embeds(pipe, tokens, "a cat")
         ipgo.token_embeds(pipe.to(torch.bfloat16), tokens, "a cat")
         pipe.to(torch.float32)
+        pipe.fuse_qkv_projections()  # new layers of the same weights
+        ipgo.token_embeds(pipe, tokens, "a cat")
+        pipe.unfuse_qkv_projections()
     block = pipe.unet.up_blocks[-1].attentions[-1].transformer_blocks[0].attn1
     block.to_v = Adapted(block.to_v)
     with pytest.warns(UserWarning, match="this pipeline's denoiser weights differ from that model's"):

@@ -144,7 +144,7 @@ def test_sdxl_tokens_notice_a_change_of_the_text_encoder_layer_they_are_conditio
         projections[-2].weight.sub_(0.5)
         # text_encoder_2's last layer feeds the pooled embedding
         [m for name, m in pipe.text_encoder_2.named_modules() if name.endswith("mlp.fc1")][-1].weight.mul_(1.5)
-        with pytest.raises(UserWarning, match="text encoder 2 weights differ"):
+        with pytest.raises(UserWarning, match="pipeline's text encoder 2 weights differ"):  # it alone
             ipgo.token_embeds(pipe, tokens, "a cat")
 
 

@@ -322,31 +322,34 @@ class Backbone(nn.Module, ABC):
             raise RuntimeError(f"{type(self).__name__}({self.model!r}) is not loaded yet: call .load() first")
         return part
 
-    def weights_fingerprint(self) -> dict[str, list[list[float]]]:
+    def weights_fingerprint(self) -> dict[str, dict[str, list[float]]]:
         """Four values of every linear layer the learned tokens meet, per part (`text_encoder`, `text_encoder_2`,
-        ..., `denoiser`): each text encoder up to the layers its states and pooled embedding come from, and the
-        denoiser. Token files record them, so tokens used with other weights of the same family and width (a
-        fine-tune, a LoRA fused or not, another checkpoint) are noticed. Empty for weights not in memory (offloaded
-        to the meta device)."""
+        ..., `denoiser`) and layer (a short hash of its name): each text encoder up to the layers its states and
+        pooled embedding come from, and the denoiser. Token files record them, so tokens used with other weights of
+        the same family and width (a fine-tune, a LoRA fused or not, another checkpoint) are noticed (see
+        `same_weights`). Empty for weights not in memory (offloaded to the meta device)."""
         parts = [part for part in self.pipeline_parts if part.startswith("text_encoder")] + [self.denoiser_part]
-        signature = {}
+        fingerprint = {}
         for part in parts:
             model = getattr(self, part)
             if model is None:
                 continue
             unused = set()
-            if part in self.unused_last_layer:  # e.g. SDXL's first encoder: its states are the second-to-last
-                layers = next(m for name, m in model.named_modules() if name.endswith("encoder.layers"))
+            layers = next((m for name, m in model.named_modules() if name.endswith("encoder.layers")), None)
+            if part in self.unused_last_layer and layers is not None:  # SDXL's first encoder: second-to-last states
                 unused = {id(m) for m in layers[-1].modules()}
-            weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in unused]
-            if any(w.device.type == "meta" for w in weights):
+            linear = [(name, m.weight) for name, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and id(m) not in unused]
+            if any(weight.device.type == "meta" for _, weight in linear):
                 return {}
-            picks = [w.detach().flatten()[torch.linspace(0, w.numel() - 1, 4).round().long().to(w.device)].float()
-                     for w in weights]
-            values = torch.stack(picks).cpu().tolist() if picks else []
-            signature["denoiser" if part == self.denoiser_part else part] = [
-                [float(f"{v:.6g}") for v in row] for row in values]
-        return signature
+            if not linear:
+                continue
+            device = linear[0][1].device  # one transfer for the part, wherever its layers are
+            picks = torch.stack([weight.detach().flatten()[torch.linspace(0, weight.numel() - 1, 4).round().long()
+                                 .to(weight.device)].float().to(device) for _, weight in linear]).cpu().tolist()
+            fingerprint["denoiser" if part == self.denoiser_part else part] = {
+                layer_key(name): [float(f"{v:.6g}") for v in row] for (name, _), row in zip(linear, picks)}
+        return fingerprint
 
     # -- prompts ----------------------------------------------------------------------------
     @property
@@ -509,12 +512,23 @@ def model_fingerprint(model: str) -> str | None:
     return digest.hexdigest()
 
 
-def same_weights(recorded: Sequence[Sequence[float]], current: Sequence[Sequence[float]]) -> bool:
-    """Whether two samples of `Backbone.weights_fingerprint` (a part's rows, one per layer) are of the same weights,
-    allowing for a cast to float16 or bfloat16 (about 0.4% per value)."""
-    if len(recorded) != len(current):
+def layer_key(name: str) -> str:
+    """A short stable key for a layer's name in `Backbone.weights_fingerprint` (token files stay small); a LoRA
+    adapter's layers (peft's `lora_A`, `lora_B`) are marked `lora:`."""
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"lora:{digest}" if "lora_" in name else digest
+
+
+def same_weights(recorded: dict[str, list[float]], current: dict[str, list[float]]) -> bool:
+    """Whether two fingerprints of a part (`Backbone.weights_fingerprint`) are of the same weights, allowing for a
+    cast to float16 or bfloat16 (about 0.4% per value). Layers only one side has are left out (e.g. the fused
+    projections `fuse_qkv_projections` adds), unless they are a LoRA adapter's, which change the images; with no
+    layer in common the weights are not the same."""
+    common = recorded.keys() & current.keys()
+    if not common or any(key.startswith("lora:") and key not in recorded for key in current):
         return False
-    for old, new in zip(recorded, current):
+    for key in common:
+        old, new = recorded[key], current[key]
         scale = max(max((abs(v) for v in old), default=0.0), 1e-8)
         if len(old) != len(new) or any(abs(a - b) > 0.02 * scale for a, b in zip(old, new)):
             return False
