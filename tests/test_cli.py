@@ -323,15 +323,13 @@ def test_a_continued_run_that_failed_while_writing_its_outputs_is_finished_by_re
     assert torch.equal(load_file(folder / "tokens.safetensors")["prefix"], tokens["prefix"])
 
 
-def test_a_resume_that_would_not_go_on_exactly_is_refused(tmp_path, monkeypatch, capsys):
-    """A checkpoint saved part-way through an epoch (a preempted job's hpc checkpoint) would step some prompts twice
-    and others not at all, and other optimiser settings than the checkpoint's would be ignored: both are refused
-    before the run's config is written again."""
-    folder = tmp_path / "run"
+def preempted_run(folder: Path, monkeypatch, batch: int) -> list[str]:
+    """Run 3 epochs of 2 prompts, one per batch, preempted after `batch` of epoch 1 as Lightning's SLURM signal
+    handler does it (it saves hpc_ckpt_1.ckpt, then the job ends); returns the command's arguments."""
     args = [*QUICK, "--data.batch_size", "1", "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(folder)]
 
-    def preempted(module, outputs, batch, batch_idx):  # what Lightning's SLURM signal handler does; then the job ends
-        if module.current_epoch == 1 and batch_idx == 0:
+    def preempted(module, outputs, batch_data, batch_idx):
+        if module.current_epoch == 1 and batch_idx == batch:
             module.trainer.save_checkpoint(folder / "hpc_ckpt_1.ckpt")
             raise RuntimeError("preempted")
 
@@ -339,6 +337,15 @@ def test_a_resume_that_would_not_go_on_exactly_is_refused(tmp_path, monkeypatch,
         patched.setattr(IPGOModule, "on_train_batch_end", preempted, raising=False)
         with pytest.raises(RuntimeError, match="preempted"):
             main(args)
+    return args
+
+
+def test_a_resume_that_would_not_go_on_exactly_is_refused(tmp_path, monkeypatch, capsys):
+    """A checkpoint saved part-way through an epoch (a preempted job's hpc checkpoint) would step some prompts twice
+    and others not at all, and other optimiser settings than the checkpoint's would be ignored: both are refused
+    before the run's config is written again."""
+    folder = tmp_path / "run"
+    args = preempted_run(folder, monkeypatch, batch=0)
     config = (folder / "config.yaml").read_text()
     for more, message in [
         (["--ckpt_path", "hpc"], "hpc_ckpt_1.ckpt was saved part-way through epoch 1 (counting from 0; 1 of its "
@@ -380,17 +387,7 @@ def test_a_checkpoint_saved_after_an_epochs_last_step_resumes(tmp_path, monkeypa
     """Saved after the last batch of an epoch (by a step-count checkpoint, or at validation end), a checkpoint has
     finished that epoch, though Lightning counts it as processed only later: it resumes with the next one."""
     folder = tmp_path / "run"
-    args = [*QUICK, "--data.batch_size", "1", "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(folder)]
-
-    def preempted(module, outputs, batch, batch_idx):
-        if module.current_epoch == 1 and batch_idx == 1:  # the epoch's last batch (two prompts, one per batch)
-            module.trainer.save_checkpoint(folder / "hpc_ckpt_1.ckpt")
-            raise RuntimeError("preempted")
-
-    with monkeypatch.context() as patched:
-        patched.setattr(IPGOModule, "on_train_batch_end", preempted, raising=False)
-        with pytest.raises(RuntimeError, match="preempted"):
-            main(args)
+    args = preempted_run(folder, monkeypatch, batch=1)  # the epoch's last batch (two prompts, one per batch)
     epochs = count_training_epochs(monkeypatch)
     main([*args, "--ckpt_path", "hpc"])
     assert epochs == [2, 2]
