@@ -251,17 +251,16 @@ def check_checkpoint(cli: IPGOCLI, path: Path) -> int:
     del saved
     cli.datamodule.setup("fit")
     cli.model.check_checkpoint_run(run, cli.datamodule.train_prompts)
-    if epochs.get("started", done) > done and batch_progress.get("is_last_batch") and \
-            batches.get("processed") == batches.get("ready"):
-        done += 1  # saved after the epoch's last step (at validation end, or by a step-count checkpoint)
-    elif epochs.get("started", done) > done:
-        last = Path(cli.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-        hint = ("resume from the end of its last finished epoch with --ckpt_path last"
-                if last.is_file() and last.resolve() != path.resolve() else "start the run again in a new folder")
-        raise UserError(f"{path.name} was saved part-way through epoch {done} (counting from 0; "
-                        f"{batches.get('processed', 0)} of its batches done), as a preempted job's hpc checkpoint "
-                        "is: resuming it would run that epoch's batches again from the first, so some prompts would "
-                        f"take two steps and others none. Instead {hint}")
+    if epochs.get("started", done) > done:  # saved during an epoch
+        if not (batch_progress.get("is_last_batch") and batches.get("processed") == batches.get("ready")):
+            last = Path(cli.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            hint = ("resume from the end of its last finished epoch with --ckpt_path last"
+                    if last.is_file() and last.resolve() != path.resolve() else "start the run again in a new folder")
+            raise UserError(f"{path.name} was saved part-way through epoch {done} (counting from 0; "
+                            f"{batches.get('processed', 0)} of its batches done), as a preempted job's hpc checkpoint "
+                            "is: resuming it would run that epoch's batches again from the first, so some prompts "
+                            f"would take two steps and others none. Instead {hint}")
+        done += 1  # after the epoch's last step (at validation end, or by a step-count checkpoint): it is finished
     changed = settings and _changed_settings(json.loads(settings), json.loads(cli.model.optimisation_settings))
     if changed:
         raise UserError(f"{path.name} was optimised with other settings ({changed}). Resuming restores the "
