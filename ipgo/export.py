@@ -287,10 +287,16 @@ def token_embeds(
     """The embedding arguments of `pipe(...)` (`prompt_embeds`, `negative_prompt_embeds` and, for
     SDXL and SD 3, the pooled pair) with the learned tokens applied."""
     tokens = tokens if isinstance(tokens, TokenFile) else load_tokens(tokens)
+    tokens.check_fits(backbone_for_pipeline(pipe))
+    return _embeds(pipe, tokens, prompt, negative_prompt)
+
+
+def _embeds(pipe: Any, tokens: TokenFile, prompt: str | Sequence[str],
+            negative_prompt: str | Sequence[str] | None) -> dict[str, Tensor]:
+    """`token_embeds` for tokens already checked against the pipeline (`apply_tokens` checks once, not per call)."""
     backbone = backbone_for_pipeline(pipe)
     if "max_sequence_length" in tokens.extra and hasattr(backbone, "max_sequence_length"):
         backbone.max_sequence_length = int(tokens.extra["max_sequence_length"])  # SD 3: the T5 length trained with
-    tokens.check_fits(backbone)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = None
     if negative_prompt is not None:
@@ -329,7 +335,8 @@ def apply_tokens(pipe: Any, tokens: TokenFile | str | os.PathLike) -> Any:
         if arguments.get("prompt_embeds") is None and arguments.get("prompt") is not None:
             _refuse_unused(arguments, int(tokens.extra.get("max_sequence_length", 256)))
             _refuse_lora_scale(pipe, arguments.get("lora_scale"))
-            embeds = token_embeds(pipe, tokens, arguments["prompt"], arguments.get("negative_prompt"))
+            with torch.no_grad():
+                embeds = _embeds(pipe, tokens, arguments["prompt"], arguments.get("negative_prompt"))
             if arguments.get("negative_prompt_embeds") is not None:  # the caller's own negatives win
                 embeds = {k: v for k, v in embeds.items() if not k.startswith("negative")}
             for name in ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3"):

@@ -205,6 +205,21 @@ def test_tokens_on_other_weights_of_the_same_kind_warn(tiny_sd_dir, tiny_clip_di
         ipgo.token_embeds(pipe, tokens, "a cat")
 
 
+def test_applied_tokens_check_the_weights_once_not_per_call(tiny_sd_dir, tiny_clip_dir, monkeypatch):
+    """The weights' fingerprint reads every linear layer: apply_tokens checks it once, not at every pipeline call."""
+    from ipgo.backbones.base import Backbone
+
+    module = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch")
+    tokens = module.token_file()  # records the fingerprint
+    calls = []
+    fingerprint = Backbone.weights_fingerprint
+    monkeypatch.setattr(Backbone, "weights_fingerprint", lambda self: calls.append(1) or fingerprint(self))
+    pipe = ipgo.apply_tokens(pipeline(tiny_sd_dir, "lms"), tokens)
+    for seed in (1, 2):
+        pipe_images(pipe, ["a cat"], seed, module.sampler_config)
+    assert len(calls) == 1
+
+
 def test_a_lora_scale_the_tokens_would_ignore_is_refused(tiny_sd_dir, tiny_clip_dir):
     """The pipeline scales its text encoder's LoRA layers inside encode_prompt, which the tokens bypass."""
     tokens = make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch").token_file()
