@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +57,7 @@ from ipgo.generate import (
     check_held_out,
     load_pipeline,
     parse_seeds,
+    pipeline_config,
     progress_bar,
     render,
     sampler_settings,
@@ -64,6 +66,7 @@ from ipgo.report import save_before_after
 from ipgo.rewards.combine import CombinedReward, RewardSpec, build_reward
 
 BEST_OF_N_SEEDS = 2**30
+GRID_PROMPTS = 16  # the grids show the first 16 prompts; every prompt is scored
 """Candidate seeds of best-of-N start here, far from training and evaluation seeds."""
 
 
@@ -169,7 +172,7 @@ def evaluate(
         seeds: evaluation seeds, e.g. "1000-1003"; seeds used in optimisation are refused.
         prompts: prompt file; default: the prompts of the first prompt-wise method.
         column: the column of a .csv/.jsonl prompt file that holds the prompts (default "prompt").
-        out: output folder (report.md, metrics.json, grid_*.png).
+        out: output folder (report.md, metrics.json, grid_*.png of the first 16 prompts).
         best_of_n: candidates per (prompt, seed) of the best-of-N baseline; "auto" matches the first
             method's sampler calls per prompt; "off" leaves it out.
         selection_reward: reward best-of-N selects with; default: the first method's optimised reward.
@@ -216,6 +219,8 @@ def evaluate(
     start = {f"{first_name}_start": initial_tokens(first, prompt_list)} if starting_tokens else {}
     if bootstrap < 1:
         raise UserError(f"bootstrap={bootstrap}: the win-rate intervals need at least 1 resample (e.g. 1000)")
+    if not 0 <= tie_tolerance < math.inf:
+        raise UserError(f"tie_tolerance={tie_tolerance}: give a finite score difference >= 0 (e.g. 1e-6)")
     # everything that can be checked without weights is checked before any model loads
     reward = build_reward(rewards)
     settings = sampler_settings(first)
@@ -236,6 +241,7 @@ def evaluate(
         )
     for tokens in token_files.values():
         check_prompts_fit(tokens, prompt_list, model)
+    pipeline_config(first, model)  # a model of another family is refused before the rewards load
     reward = reward.to(device)
     reward.load()  # before the pipeline: a missing reward model is reported without a long wait
     pipe = load_pipeline(first, model, device, dtype)
@@ -245,16 +251,16 @@ def evaluate(
 
     renders = len(prompt_list) * len(seed_list) * (1 + len(token_files) + len(start) + max(n - 1, 0))
     with progress_bar(renders, "ipgo.evaluate") as progress:
-        raw = render(pipe, first, prompt_list, seed_list, False, progress, batch_size)
-        images = {"raw": raw}
-        scores = {"raw": score(reward, raw, prompt_list, batch_size)}
-        for name, tokens in {**token_files, **start}.items():
-            images[name] = render(pipe, tokens, prompt_list, seed_list, True, progress, batch_size)
-            scores[name] = score(reward, images[name], prompt_list, batch_size)
+        scores, images = {}, {}  # images: of the first GRID_PROMPTS prompts only, for the grids
+        methods = [("raw", first, False), *((name, tokens, True) for name, tokens in {**token_files, **start}.items())]
+        for name, tokens, tuned in methods:
+            scores[name], images[name] = _render_and_score(pipe, tokens, tuned, reward, prompt_list, seed_list,
+                                                           progress, batch_size)
         chosen: dict[tuple[int, int], int] = {}
         if n:
             images[f"best_of_{n}"], scores[f"best_of_{n}"], chosen = _best_of_n(
-                pipe, first, reward, prompt_list, seed_list, n, selector, raw, scores["raw"], progress, batch_size
+                pipe, first, reward, prompt_list, seed_list, n, selector, images["raw"], scores["raw"], progress,
+                batch_size
             )
 
     metrics = _metrics(named, token_files, scores, flags, prompt_list, seed_list, chosen, tie_tolerance, bootstrap)
@@ -265,7 +271,7 @@ def evaluate(
     earlier = _earlier_grids(out_dir)  # with --overwrite: an earlier evaluation's methods, maybe others
     for name, method_images in images.items():
         if name != "raw":
-            earlier.discard(save_before_after(images["raw"], method_images, out_dir / f"grid_{name}.png"))
+            earlier.discard(save_before_after(images["raw"] / 255, method_images / 255, out_dir / f"grid_{name}.png"))
     for path in earlier:
         path.unlink(missing_ok=True)
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -298,7 +304,13 @@ def _candidates(best_of_n: int | str, tokens: TokenFile) -> int:
     if best_of_n == "off":
         return 0
     if best_of_n == "auto":
-        return matched_n(tokens)
+        n = matched_n(tokens)
+        if n < 2:  # best-of-1 would be the raw prompt itself
+            warnings.warn(f"the run spent {n} sampler call per prompt, so best-of-N at matched compute is the raw "
+                          "prompt itself: left out (give --best_of_n N to compare with N candidates anyway)",
+                          stacklevel=3)
+            return 0
+        return n
     try:
         n = int(best_of_n)
     except (TypeError, ValueError):
@@ -337,7 +349,9 @@ def _check_same_model(token_files: dict[str, TokenFile]) -> None:
         listed = "; ".join(f"{family} {model} (revision {revision}, variant {variant})"
                            for family, model, revision, variant in sorted(models, key=str))
         raise UserError(f"the methods were made for different models: {listed}; evaluate them separately")
-    samplers = {name: {k: sampler_settings(t)[k] for k in RENDER_SETTINGS} for name, t in token_files.items()}
+    samplers = {name: {**{k: sampler_settings(t)[k] for k in RENDER_SETTINGS},
+                       **{k: t.extra[k] for k in ("max_sequence_length",) if k in t.extra}}  # SD 3's T5 length
+                for name, t in token_files.items()}
     if len({json.dumps(s, sort_keys=True) for s in samplers.values()}) > 1:
         listed = "; ".join(f"{name}: {settings}" for name, settings in samplers.items())
         raise UserError(
@@ -355,30 +369,51 @@ def _prompts(path: str | None, column: str | None, token_files: dict[str, TokenF
     raise UserError("give the prompts to evaluate on with --prompts FILE (the methods hold shared tokens)")
 
 
+def _render_and_score(pipe: Any, tokens: TokenFile, tuned: bool, reward: CombinedReward, prompts: list[str],
+                      seeds: list[int], progress: tqdm | None, batch_size: int) -> tuple[dict[str, Tensor], Tensor]:
+    """Every reward's scores (prompts, seeds) of the renders, and the renders of the first GRID_PROMPTS prompts as
+    uint8 (kept for the grids: all of them would not fit in memory for a large prompt set at 1024 px)."""
+    parts, kept = [], torch.zeros(0, dtype=torch.uint8)
+    for first in range(0, len(prompts), GRID_PROMPTS):
+        chunk = prompts[first : first + GRID_PROMPTS]
+        images = render(pipe, tokens, chunk, seeds, tuned, progress, batch_size)
+        parts.append(score(reward, images, chunk, batch_size))
+        if first == 0:
+            kept = _as_uint8(images)
+    return {name: torch.cat([part[name] for part in parts]) for name in reward.names}, kept
+
+
+def _as_uint8(images: Tensor) -> Tensor:
+    """Images in [0, 1] as 0-255, rounded as the PNG writer rounds them (so the grids do not change)."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def _best_of_n(pipe: Any, tokens: TokenFile, reward: CombinedReward, prompts: list[str], seeds: list[int], n: int,
                selector: str, raw: Tensor, raw_scores: dict[str, Tensor], progress: tqdm | None = None,
                batch_size: int = 8) -> tuple[Tensor, dict[str, Tensor], dict[tuple[int, int], int]]:
     """Per (prompt, seed): the best by `selector` of the raw prompt's image on the seed itself (the raw method's
-    very image and scores, so a pick of it is an exact tie) and on N - 1 more seeds."""
+    very image and scores, so a pick of it is an exact tie) and on N - 1 more seeds. `raw`: the raw renders (uint8)
+    of the first prompts; the picks are returned for as many."""
     rows, row_scores, chosen = [], {name: torch.zeros(len(prompts), len(seeds)) for name in reward.names}, {}
     for i, prompt in enumerate(prompts):
         picked = []
         for j, seed in enumerate(seeds):
             candidates = candidate_seeds(seed, n)
-            images = raw[i : i + 1, j : j + 1]
             candidate_scores = {name: values[i : i + 1, j : j + 1] for name, values in raw_scores.items()}
+            more = torch.zeros(0)
             if n > 1:
                 more = render(pipe, tokens, [prompt], candidates[1:], False, progress, batch_size)  # (1, n - 1, ...)
                 more_scores = score(reward, more, [prompt], batch_size)
-                images = torch.cat([images, more], dim=1)
                 candidate_scores = {name: torch.cat([values, more_scores[name]], dim=1)
                                     for name, values in candidate_scores.items()}
             best = int(candidate_scores[selector][0].argmax())
             chosen[(i, j)] = candidates[best]
-            picked.append(images[0, best])
+            if i < len(raw):
+                picked.append(raw[i, j] if best == 0 else _as_uint8(more[0, best - 1]))
             for name in reward.names:
                 row_scores[name][i, j] = candidate_scores[name][0, best]
-        rows.append(torch.stack(picked))
+        if picked:
+            rows.append(torch.stack(picked))
     return torch.stack(rows), row_scores, chosen
 
 

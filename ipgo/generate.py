@@ -99,17 +99,40 @@ def _recorded_dtype(tokens: TokenFile, device: str) -> str:
     return recorded
 
 
-def load_pipeline(tokens: TokenFile, model: str | None = None, device: str = "cpu", dtype: str | None = None) -> Any:
-    """The family's diffusers pipeline for the tokens' base model (or `model`), scheduler and dtype as in training
-    (`dtype` overrides the recorded one; files without one are float32)."""
+def pipeline_config(tokens: TokenFile, model: str | None = None) -> dict[str, Any]:
+    """The pipeline config (model_index.json) of the tokens' base model (or `model`), read without loading weights;
+    refuses a model of another family than the tokens'."""
     import diffusers
 
-    from ipgo.backbones.base import check_model_source, load_error, torch_dtype
+    from ipgo.backbones.base import check_model_source, load_error
     from ipgo.testing import is_tiny, resolve_source
 
     name = model or tokens.base_model
     if not is_tiny(name):
         check_model_source(name)
+    revision = tokens.extra.get("revision") if model is None else None
+    try:
+        config = getattr(diffusers, PIPELINES[tokens.family]).load_config(resolve_source(name), revision=revision)
+    except OSError as error:
+        raise load_error(name, "pipeline", error) from error
+    if config.get("_class_name") != PIPELINES[tokens.family]:
+        raise TokenFileError(
+            f"these tokens were made for a {tokens.family!r} model ({PIPELINES[tokens.family]}), but {name!r} "
+            f"is a {config.get('_class_name')}: use the model the tokens were trained on"
+        )
+    return dict(config)
+
+
+def load_pipeline(tokens: TokenFile, model: str | None = None, device: str = "cpu", dtype: str | None = None) -> Any:
+    """The family's diffusers pipeline for the tokens' base model (or `model`), scheduler and dtype as in training
+    (`dtype` overrides the recorded one; files without one are float32)."""
+    import diffusers
+
+    from ipgo.backbones.base import load_error, torch_dtype
+    from ipgo.testing import resolve_source
+
+    name = model or tokens.base_model
+    config = pipeline_config(tokens, model)
     source = resolve_source(name)
     cls = getattr(diffusers, PIPELINES[tokens.family])
     extra: dict[str, Any] = {}
@@ -120,12 +143,6 @@ def load_pipeline(tokens: TokenFile, model: str | None = None, device: str = "cp
     if model is None:  # the very weights trained on
         extra.update({key: tokens.extra[key] for key in ("revision", "variant") if key in tokens.extra})
     try:
-        config = cls.load_config(source, revision=extra.get("revision"))
-        if config.get("_class_name") != PIPELINES[tokens.family]:
-            raise TokenFileError(
-                f"these tokens were made for a {tokens.family!r} model ({PIPELINES[tokens.family]}), but {name!r} "
-                f"is a {config.get('_class_name')}: use the model the tokens were trained on"
-            )
         if tokens.family == "sd3" and (config.get("text_encoder_3") or [None])[0] is None:
             extra.update(text_encoder_3=None, tokenizer_3=None)  # a checkpoint without T5
         pipe = cls.from_pretrained(source, dtype=torch_dtype(dtype or _recorded_dtype(tokens, device)), **extra)
@@ -172,8 +189,8 @@ def progress_bar(total: int, command: str) -> tqdm:
 def render(pipe: Any, tokens: TokenFile, prompts: Sequence[str], seeds: Sequence[int], tuned: bool = True,
            progress: tqdm | None = None, batch_size: int = 8) -> Tensor:
     """Images (len(prompts), len(seeds), 3, H, W) from `pipe` on the given seeds, with or without the tokens, at most
-    `batch_size` images per pipeline call (each has its own generator, so the batching does not change them);
-    `progress` counts them as they are rendered."""
+    `batch_size` images per pipeline call (each has its own generator, so the batching changes them only by the
+    rounding of batched arithmetic); `progress` counts them as they are rendered."""
     settings = sampler_settings(tokens)
     # SD 3: raw prompts too are encoded at the T5 length the tokens were trained with.
     family_settings = {key: int(tokens.extra[key]) for key in ("max_sequence_length",) if key in tokens.extra}

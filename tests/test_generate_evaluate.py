@@ -5,8 +5,10 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ipgo.cli import main as fit
 from ipgo.errors import UserError
@@ -79,11 +81,24 @@ def test_generate_matches_the_modules_render(run, tmp_path, capsys, monkeypatch)
     assert stat.S_IMODE((run_dir / "tokens.safetensors").stat().st_mode) == 0o666 & ~umask  # readable as any output
 
 
-def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path, capsys):
+def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path, capsys, monkeypatch):
     run_dir, module = run
     metrics = evaluate([f"ipgo={run_dir}"], REWARDS, seeds="1000-1002", out=str(tmp_path), bootstrap=200)
     # 6 raw + 6 tuned + 6 starting tokens + 6 more candidates of best-of-2 (the seed's own image is the raw one)
     assert "24/24" in capsys.readouterr().err
+    # renders are scored a few prompts at a time and only the first prompts' are kept for the grids: the same
+    # scores, and grids that are the top rows of the full ones
+    monkeypatch.setattr("ipgo.evaluate.GRID_PROMPTS", 1)
+    chunked = evaluate([f"ipgo={run_dir}"], REWARDS, seeds="1000-1002", out=str(tmp_path / "chunked"), bootstrap=200)
+    def without_scores(records):
+        return [{key: value for key, value in record.items() if key != "scores"} for record in records]
+
+    assert without_scores(chunked["images"]) == without_scores(metrics["images"])  # the same best-of-N picks
+    torch.testing.assert_close(torch.tensor([list(i["scores"].values()) for i in chunked["images"]]),
+                               torch.tensor([list(i["scores"].values()) for i in metrics["images"]]))
+    for name in ("ipgo", "ipgo_start", "best_of_2"):
+        full, top = (np.asarray(Image.open(folder / f"grid_{name}.png")) for folder in (tmp_path, tmp_path / "chunked"))
+        assert len(top) < len(full) and (full[: len(top)] == top).all()
     for name in ("report.md", "metrics.json", "grid_ipgo.png"):
         assert (tmp_path / name).is_file()
     assert metrics == json.loads((tmp_path / "metrics.json").read_text())
@@ -108,6 +123,16 @@ def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path, capsys):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert "before the first step: what adding tokens at all does" in report
     by_hand = evaluate(f"ipgo={run_dir}", REWARDS[:1], seeds="1000", out=str(tmp_path / "by_hand"), best_of_n=3)
+    # a run that spent fewer than 2 sampler calls per prompt: best-of-N at matched compute would be the raw prompt
+    from ipgo.export import load_tokens, save_tokens
+
+    cheap = load_tokens(run_dir)
+    cheap.extra["compute"] = json.dumps({**json.loads(cheap.extra["compute"]), "sampler_calls_per_prompt": 0.8})
+    save_tokens(tmp_path / "cheap.safetensors", cheap)
+    with pytest.warns(UserWarning, match="best-of-N at matched compute is the raw prompt itself: left out"):
+        without = evaluate(f"ipgo={tmp_path / 'cheap.safetensors'}", REWARDS[:1], seeds="1000",
+                           out=str(tmp_path / "cheap"), starting_tokens=False)
+    assert list(without["methods"]) == ["raw", "ipgo"] and without["settings"]["best_of_n"] == 0
     assert not by_hand["settings"]["best_of_n_matches_compute"]
     assert "(N given by hand: not matched" in (tmp_path / "by_hand/report.md").read_text()
     # win rates equal a hand count from the per-image scores in the same file
@@ -238,6 +263,9 @@ def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tm
     combined = save_tokens(tmp_path / "combined.safetensors", tokens)
     tokens.extra.update(rewards=json.dumps(["clip_score"]), revision="v2")  # the same model id at another revision
     revised = save_tokens(tmp_path / "revised.safetensors", tokens)
+    tokens.extra.pop("revision")
+    tokens.extra["max_sequence_length"] = "128"  # an SD 3 T5 length (a setting the raw prompt renders with too)
+    longer = save_tokens(tmp_path / "longer.safetensors", tokens)
 
     def no_loading(self):
         raise AssertionError("a reward loaded before the input was checked")
@@ -250,11 +278,14 @@ def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tm
         (dict(methods=[f"ipgo={run_dir}", f"other={other}"]), "different sampler settings"),
         (dict(methods=[f"ipgo={run_dir}", f"other={revised}"]), "made for different models"),
         (dict(methods=[f"ipgo={run_dir}"], bootstrap=0), "at least 1 resample"),
+        (dict(methods=[f"ipgo={run_dir}"], tie_tolerance=-0.1), "tie_tolerance=-0.1: give a finite score difference"),
+        (dict(methods=[f"ipgo={run_dir}", f"other={longer}"]), "different sampler settings .*max_sequence_length"),
         (dict(methods=[f"ipgo={run_dir}"], best_of_n="many"), "best_of_n='many'"),
         (dict(methods=[f"ipgo={run_dir}"], best_of_n=1), "best_of_n=1 would pick the raw prompt's own image"),
         (dict(methods=[f"ipgo={combined}"]), "combination of rewards .* set --selection_reward"),
         (dict(methods=[f"ipgo={run_dir}"], selection_reward="aesthetic"), "not among the rewards scored"),
         (dict(methods=[f"ipgo={run_dir}"], model=str(tmp_path / "missing")), "model folder .*missing.* does not exist"),
+        (dict(methods=[f"ipgo={run_dir}"], model="tiny:sdxl"), "made for a 'sd' model .* is a StableDiffusionXL"),
     ]
     for kwargs, message in cases:
         with pytest.raises(UserError, match=message):
