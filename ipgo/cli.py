@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from ipgo.data import PromptDataModule
 from ipgo.errors import ConfigError, UserError, reported
-from ipgo.files import atomic_path, listing
+from ipgo.files import atomic_path, check_writable_folder, listing
 from ipgo.module import IPGOModule
 from ipgo.rewards.combine import uses_running_statistics
 
@@ -151,6 +151,7 @@ def main(args: list[str] | None = None) -> IPGOCLI:
                       "measured tokens, and a step's reward is measured before its update, so one step exports the "
                       "starting tokens. Give max_epochs >= 2 (or model.select last)", UserWarning, stacklevel=2)
     cli.model.check_trainer(cli.trainer)
+    check_writable_folder(run_dir, "--trainer.default_root_dir", "ipgo.fit")
     checkpoint = checkpoint_file(ckpt_path, run_dir)
     if not resumes_this_run(checkpoint, run_dir):
         refuse_used_folder(run_dir)  # a fresh run, or one started from another run's checkpoint

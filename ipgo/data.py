@@ -80,13 +80,24 @@ def prompt_key(prompt: str) -> str:
 
 def _lines(path: Path) -> list[str]:
     """Lines split at newlines only (not at the other characters `str.splitlines` breaks on), without a BOM."""
-    return path.read_text(encoding="utf-8-sig").replace("\r\n", "\n").split("\n")
+    try:
+        return path.read_text(encoding="utf-8-sig").replace("\r\n", "\n").split("\n")
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from None
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> PromptFileError:
+    return PromptFileError(f"{path.name} is not UTF-8 text (it holds the byte {error.object[error.start]:#04x}, "
+                           f"which is not UTF-8 there): save it as UTF-8")
 
 
 def _rows(path: Path, suffix: str) -> list[dict[str, Any]]:
     if suffix == ".csv":
         with path.open(encoding="utf-8-sig", newline="") as handle:  # newline="": quoted fields may span lines
-            return list(csv.DictReader(handle))
+            try:
+                return list(csv.DictReader(handle))
+            except UnicodeDecodeError as error:
+                raise _not_utf8(path, error) from None
     rows = []
     for number, line in enumerate(_lines(path), 1):
         if line.strip():

@@ -28,6 +28,23 @@ def reported(program: str) -> Iterator[None]:
     """Turn a `UserError` into `program: error: message` on stderr and exit code 2."""
     try:
         yield
-    except UserError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
+    except (UserError, ValueError) as error:
+        cause = user_error_behind(error)
+        if cause is None:
+            raise
+        print(f"{program}: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def user_error_behind(error: BaseException) -> UserError | None:
+    """`error` itself if a `UserError`, else the one it was raised from: jsonargparse re-raises the error of a class
+    it builds from a config (a reward given a missing file) as a ValueError "Does not validate against any of the
+    Union subtypes"."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, UserError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__
+    return None

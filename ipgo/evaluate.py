@@ -239,9 +239,9 @@ def evaluate(
             f"best-of-N selects with the optimised reward {selector!r}, which is not among the rewards "
             f"scored ({', '.join(reward.names)}): add it to --rewards or set --selection_reward"
         )
+    pipeline_config(first, model)  # the model exists and is of the tokens' family (all methods share it)
     for tokens in token_files.values():
         check_prompts_fit(tokens, prompt_list, model)
-    pipeline_config(first, model)  # a model of another family is refused before the rewards load
     reward = reward.to(device)
     reward.load()  # before the pipeline: a missing reward model is reported without a long wait
     pipe = load_pipeline(first, model, device, dtype)
@@ -363,6 +363,8 @@ def _check_same_model(token_files: dict[str, TokenFile]) -> None:
 def _prompts(path: str | None, column: str | None, token_files: dict[str, TokenFile]) -> list[str]:
     if path is not None:
         return read_prompts(path, column)
+    if column is not None:
+        raise UserError(f"--column {column} names a column of a prompt file: give the file with --prompts FILE")
     for tokens in token_files.values():
         if tokens.prompts is not None:
             return list(tokens.prompts)

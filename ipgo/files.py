@@ -46,15 +46,22 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def check_writable_folder(folder: str | os.PathLike, option: str, command: str) -> None:
+    """Refuse an output folder that is a file, lies under a file or cannot be written: found before the work, not
+    after it."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {folder} is a file, not a folder: choose a folder for {command}'s output")
+    ancestor = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        why = "is a file" if not ancestor.is_dir() else "is not writable"
+        raise UserError(f"{option} {folder}: {command} cannot write there ({ancestor} {why}); choose another {option}")
+
+
 def check_output_folder(out: str | os.PathLike, overwrite: bool, command: str) -> None:
     """Refuse a non-empty output folder unless `overwrite`: writing there would replace files in it."""
     folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--out {folder} is a file, not a folder: choose a folder for {command}'s output")
-    ancestor = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):  # found now, not after the renders
-        why = "is a file" if not ancestor.is_dir() else "is not writable"
-        raise UserError(f"--out {folder}: {command} cannot write there ({ancestor} {why}); choose another --out")
+    check_writable_folder(folder, "--out", command)
     present = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
     if present and not overwrite:
         raise UserError(

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ipgo.backbones import FAMILIES
 from ipgo.data import read_prompts
 from ipgo.errors import UserError, reported
 from ipgo.export import (
@@ -37,9 +38,6 @@ from ipgo.export import (
 from ipgo.files import atomic_path, check_output_folder, write_text
 from ipgo.report import save_before_after
 from ipgo.sampling import make_scheduler
-
-PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
-
 
 MAX_SEED = 2**32
 
@@ -104,21 +102,33 @@ def pipeline_config(tokens: TokenFile, model: str | None = None) -> dict[str, An
     refuses a model of another family than the tokens'."""
     import diffusers
 
-    from ipgo.backbones.base import check_model_source, load_error
+    from ipgo.backbones.base import ModelNotFoundError, check_model_source, load_error
     from ipgo.testing import is_tiny, resolve_source
 
     name = model or tokens.base_model
-    if not is_tiny(name):
-        check_model_source(name)
-    revision = tokens.extra.get("revision") if model is None else None
+    expected = FAMILIES[tokens.family].pipeline_class
     try:
-        config = getattr(diffusers, PIPELINES[tokens.family]).load_config(resolve_source(name), revision=revision)
-    except OSError as error:
-        raise load_error(name, "pipeline", error) from error
-    if config.get("_class_name") != PIPELINES[tokens.family]:
+        if not is_tiny(name):
+            check_model_source(name)
+        revision = tokens.extra.get("revision") if model is None else None
+        config = getattr(diffusers, expected).load_config(resolve_source(name), revision=revision)
+    except (ModelNotFoundError, OSError) as error:
+        found = error if isinstance(error, ModelNotFoundError) else load_error(name, "pipeline", error)
+        if model is None:  # the name came from the token file, not from the user
+            raise ModelNotFoundError(f"the tokens' base model, as the token file names it: {found} If it has moved, "
+                                     "pass its new place with --model.") from error
+        raise found from error
+    if config.get("_class_name") != expected:
         raise TokenFileError(
-            f"these tokens were made for a {tokens.family!r} model ({PIPELINES[tokens.family]}), but {name!r} "
+            f"these tokens were made for a {tokens.family!r} model ({expected}), but {name!r} "
             f"is a {config.get('_class_name')}: use the model the tokens were trained on"
+        )
+    width = FAMILIES[tokens.family](name, revision=revision).conditioning_width  # from the denoiser's config
+    if width is not None and width != tokens.hidden_size:
+        raise TokenFileError(
+            f"these tokens were made for a model with hidden size {tokens.hidden_size} (base model "
+            f"{tokens.base_model!r}), but the denoiser of {name!r} attends to states {width} wide: use a token file "
+            "trained for this model family and text encoder"
         )
     return dict(config)
 
@@ -134,7 +144,7 @@ def load_pipeline(tokens: TokenFile, model: str | None = None, device: str = "cp
     name = model or tokens.base_model
     config = pipeline_config(tokens, model)
     source = resolve_source(name)
-    cls = getattr(diffusers, PIPELINES[tokens.family])
+    cls = getattr(diffusers, FAMILIES[tokens.family].pipeline_class)
     extra: dict[str, Any] = {}
     if tokens.family == "sd":
         extra = {"safety_checker": None, "requires_safety_checker": False}
@@ -294,6 +304,8 @@ def generate(
     token_file = load_tokens(tokens)
     seed_list = parse_seeds(seeds)
     flagged = check_held_out(token_file, seed_list, allow_training_seeds)
+    if prompts is None and column is not None:
+        raise UserError(f"--column {column} names a column of a prompt file: give the file with --prompts FILE")
     if prompts is not None:
         prompt_list = read_prompts(prompts, column)
     elif token_file.prompts is not None:
@@ -301,6 +313,7 @@ def generate(
     else:
         raise UserError("these are shared (prompt-batch) tokens: give the prompts to render with --prompts FILE")
     token_file.tokens_for(prompt_list)  # a prompt-wise file must hold every prompt: checked before loading
+    pipeline_config(token_file, model)  # the model exists and is of the tokens' family
     check_prompts_fit(token_file, prompt_list, model)
     pipe = load_pipeline(token_file, model, device, dtype)
     check_tokens(pipe, token_file)

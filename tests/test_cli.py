@@ -411,8 +411,17 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
     table.write_text("id,caption\n1,a cat\n")
     long = tmp_path / "long.txt"
     long.write_text("a cat " + "very " * 70 + "\n")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("a red circle\na café sign\n".encode("latin-1"))
     out = str(tmp_path / "run")
     cases = [
+        (["--data.prompts", str(latin1)], "latin1.txt is not UTF-8 text (it holds the byte 0xe9"),
+        # a reward argument: jsonargparse wraps the reward's error in its own ValueError
+        (["--model.reward.init_args.model", str(tmp_path / "no-clip")], "no-clip' does not exist"),
+        (["--model.backbone.init_args.model", "tiny:sdxl"], "'tiny:sdxl' is a StableDiffusionXLPipeline model, and "
+         "StableDiffusion runs StableDiffusionPipeline models: use --model.backbone ipgo.backbones.StableDiffusionXL"),
+        (["--model.backbone", "ipgo.backbones.StableDiffusion3", "--model.backbone.init_args.model", "tiny:sd1"],
+         "use --model.backbone ipgo.backbones.StableDiffusion "),
         (["--model.backbone.init_args.model", str(tmp_path / "no-model")], "does not exist"),
         (["--data.prompts", str(empty)], "has no prompts"),
         (["--data.prompts", str(table)], "no column 'prompt'; its columns are ['caption', 'id']"),
@@ -449,6 +458,9 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
         if args[0] in ("--data.prompts", "--trainer.precision"):  # checked before the trainer writes anything
             assert not Path(out).exists(), args
             assert "Token indices sequence length" not in err  # the tokenizer's own warning: noise beside ipgo's
+    for folder, message in ((latin1, "is a file, not a folder"), (latin1 / "run", "cannot write there")):
+        err = bad_input(["--trainer.default_root_dir", str(folder)], capsys)
+        assert f"--trainer.default_root_dir {folder}" in err and message in err and "Traceback" not in err
 
 
 REWARD_CHOICES = {

@@ -207,9 +207,20 @@ def test_training_seeds_are_refused_or_flagged(run, tmp_path):
 
 
 def test_bad_input_gives_clear_messages(run, tmp_path, capsys):
+    from ipgo.export import load_tokens, save_tokens
+
     run_dir, _ = run
     (tmp_path / "empty").mkdir()
+    moved = load_tokens(run_dir)
+    moved.base_model = str(tmp_path / "moved-model")
+    save_tokens(tmp_path / "moved.safetensors", moved)
     cases = [
+        (generate_cli, ["--tokens", str(tmp_path / "moved.safetensors"), "--seeds", "1000"],
+         "the tokens' base model, as the token file names it: model folder"),
+        (generate_cli, ["--tokens", str(run_dir), "--seeds", "1000", "--column", "caption"],
+         "--column caption names a column of a prompt file: give the file with --prompts FILE"),
+        (evaluate_cli, ["--methods", f"[ipgo={run_dir}]", "--rewards", "[{name: clip_score}]", "--column", "caption"],
+         "--column caption names a column of a prompt file"),
         (generate_cli, ["--tokens", str(run_dir), "--model", "tiny:sdxl", "--seeds", "1000"],
          "made for a 'sd' model"),
         (generate_cli, ["--tokens", str(tmp_path / "empty")], "tokens.safetensors"),
@@ -239,12 +250,12 @@ def test_bad_input_gives_clear_messages(run, tmp_path, capsys):
 def test_generate_checks_the_tokens_against_the_model_before_rendering(run, tmp_path, monkeypatch):
     from ipgo.export import TokenFileError
 
-    def no_rendering(*args, **kwargs):
-        raise AssertionError("rendered before the tokens and prompts were checked")
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pipeline loaded before the tokens and prompts were checked")
 
-    monkeypatch.setattr("ipgo.generate.render", no_rendering)
+    monkeypatch.setattr("ipgo.generate.load_pipeline", no_loading)
     run_dir, _ = run
-    with pytest.raises(TokenFileError, match="hidden size"):
+    with pytest.raises(TokenFileError, match="hidden size 32 .* the denoiser of 'tiny:sd2' attends to states 64 wide"):
         generate(str(run_dir), seeds="1000", out=str(tmp_path / "out"), model="tiny:sd2")
 
 
@@ -286,6 +297,7 @@ def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tm
         (dict(methods=[f"ipgo={run_dir}"], selection_reward="aesthetic"), "not among the rewards scored"),
         (dict(methods=[f"ipgo={run_dir}"], model=str(tmp_path / "missing")), "model folder .*missing.* does not exist"),
         (dict(methods=[f"ipgo={run_dir}"], model="tiny:sdxl"), "made for a 'sd' model .* is a StableDiffusionXL"),
+        (dict(methods=[f"ipgo={run_dir}"], model="tiny:sd2"), "hidden size 32 .* attends to states 64 wide"),
     ]
     for kwargs, message in cases:
         with pytest.raises(UserError, match=message):

@@ -111,6 +111,21 @@ def test_training_smoke_run_gives_loadable_models(tmp_path):
     assert auc([0.9, 0.8, 0.1], [True, True, False]) == 1.0 and auc([0.1, 0.9], [True, False]) == 0.0
 
 
+def test_the_training_command_refuses_a_folder_it_cannot_use(tmp_path, monkeypatch, capsys):
+    from ipgo.shapes.train import main
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    cases = [(["--out", str(tmp_path / "empty"), "--measure"], "holds no trained sd/ or clip/"),
+             (["--out", str(afile)], f"--out {afile} is a file, not a folder")]
+    for args, message in cases:
+        monkeypatch.setattr("sys.argv", ["ipgo.shapes.train", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+
+
 def test_a_rebuild_keeps_only_a_model_trained_the_same_way(tmp_path):
     """build() keeps a finished text-to-image model only if every setting it records matches, the steps of the
     text tower it started from included."""

@@ -189,6 +189,8 @@ class Backbone(nn.Module, ABC):
 
     family: ClassVar[str]
     """Model family written into token files ("sd", "sdxl", "sd3")."""
+    pipeline_class: ClassVar[str]
+    """The family's diffusers pipeline class (as a model's model_index.json names it)."""
     pipeline_parts: ClassVar[tuple[str, ...]]
     """Attribute names shared with the family's diffusers pipeline."""
     denoiser_part: ClassVar[str] = "unet"
@@ -302,9 +304,25 @@ class Backbone(nn.Module, ABC):
             self._pipeline_config = dict(DiffusionPipeline.load_config(self.source, revision=self.revision))
         except OSError as error:
             raise load_error(self.model, "scheduler config", error) from error
+        self._check_family()
+
+    def _check_family(self) -> None:
+        """Refuse a model of another family than this backbone's, from its model_index.json."""
+        from ipgo.backbones import FAMILIES
+
+        found = self._pipeline_config.get("_class_name")
+        other = next((backbone for backbone in FAMILIES.values() if backbone.pipeline_class == found), None)
+        if other is not None and other.family != self.family:
+            raise UserError(
+                f"{self.model!r} is a {found} model, and {type(self).__name__} runs {self.pipeline_class} models: "
+                f"use --model.backbone ipgo.backbones.{other.__name__} (in a config: class_path: "
+                f"ipgo.backbones.{other.__name__})"
+            )
 
     def load_tokenizer(self) -> None:
         """Load the tokenizer(s) only (cheap), so prompts can be checked before weights load."""
+        if self._scheduler_config is None:
+            self._load_configs()  # the model's family first: another family's tokenizers can fail obscurely
         for part in self.tokenizer_parts:
             if getattr(self, part) is None:
                 setattr(self, part, self._load_tokenizer(part))

@@ -19,6 +19,7 @@ class StableDiffusion(Backbone):
     """Stable Diffusion 1.x / 2.x (`StableDiffusionPipeline` layout); see `Backbone` for the arguments."""
 
     family: ClassVar[str] = "sd"
+    pipeline_class: ClassVar[str] = "StableDiffusionPipeline"
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer",)
     masks_cross_attention: ClassVar[bool] = True
     pipeline_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "text_encoder", "unet", "vae")

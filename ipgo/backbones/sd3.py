@@ -33,6 +33,7 @@ class StableDiffusion3(Backbone):
     """
 
     family: ClassVar[str] = "sd3"
+    pipeline_class: ClassVar[str] = "StableDiffusion3Pipeline"
     penultimate_states: ClassVar[bool] = True
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     denoiser_part: ClassVar[str] = "transformer"

@@ -29,6 +29,7 @@ class StableDiffusionXL(Backbone):
     """
 
     family: ClassVar[str] = "sdxl"
+    pipeline_class: ClassVar[str] = "StableDiffusionXLPipeline"
     penultimate_states: ClassVar[bool] = True
     unused_last_layer: ClassVar[tuple[str, ...]] = ("text_encoder",)  # pooled comes from text_encoder_2
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")

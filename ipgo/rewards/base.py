@@ -301,11 +301,12 @@ def load_clip_processing(source: str) -> tuple[CLIPImageProcessor, CLIPTokenizer
 def _missing_model_message(model: str, cause: object) -> str:
     from huggingface_hub.constants import HF_HUB_CACHE, is_offline_mode
 
-    where = f"the folder {model!r}" if looks_local(model) else f"the Hugging Face cache {HF_HUB_CACHE}"
+    folder = "a local folder holding config.json, the weights, preprocessor_config.json and the tokenizer files"
+    if looks_local(model):
+        return f"Could not load the CLIP model from the folder {model!r}: {cause}\nPoint it at {folder}."
     offline = " (offline mode: HF_HUB_OFFLINE is set)" if is_offline_mode() else ""
     return (
-        f"Could not load the CLIP model {model!r} from {where}{offline}: {cause}\n"
-        f"Provide it as a local folder holding config.json, the weights, preprocessor_config.json and the "
-        f"tokenizer files, or fetch it on a machine with internet with `hf download {model}` (formerly "
+        f"Could not load the CLIP model {model!r} from the Hugging Face cache {HF_HUB_CACHE}{offline}: {cause}\n"
+        f"Provide it as {folder}, or fetch it on a machine with internet with `hf download {model}` (formerly "
         f"`huggingface-cli download`) and copy the cache over (or point HF_HOME / HF_HUB_CACHE at it)."
     )

@@ -52,7 +52,7 @@ def measure(out: str) -> dict[str, Any]:
     from ipgo.shapes.train import GUIDANCE
 
     root = Path(out)
-    pipe = StableDiffusionPipeline.from_pretrained(root / "sd", safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(root / "sd"), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     _, held_out = caption_split()
     texts = [c for c in held_out for _ in EVAL_SEEDS]

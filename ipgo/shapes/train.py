@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ipgo.errors import UserError
+from ipgo.files import check_writable_folder
 from ipgo.shapes.world import caption_split, parse, render
 
 UNET = dict(
@@ -234,7 +236,7 @@ def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 
     else:  # kept from an earlier run of the same command: count the time it took then
         seconds["sd"] = record["seconds"]
         started -= record["seconds"]
-    pipe = StableDiffusionPipeline.from_pretrained(root / "sd", safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(root / "sd"), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     generated = sample(pipe, train_captions, [10_000 + seed, 10_001 + seed], guidance_scale=GUIDANCE)
     train_clip(root / "clip", generated=list(generated), steps=clip_steps, seed=seed, start=text_clip)
@@ -263,8 +265,18 @@ def main() -> None:
     if args.measure:
         from ipgo.shapes.measure import measure
 
+        marks = {"sd": "model_index.json", "clip": "config.json"}
+        missing = [part for part, mark in marks.items() if not (Path(args.out) / part / mark).is_file()]
+        if missing:
+            folders = " or ".join(f"{part}/" for part in missing)
+            parser.error(f"--measure: {args.out} holds no trained {folders} (from an earlier `python -m "
+                         "ipgo.shapes.train --out FOLDER`): point --out at one")
         measure(args.out)
     else:
+        try:
+            check_writable_folder(args.out, "--out", "ipgo.shapes.train")
+        except UserError as error:
+            parser.error(str(error))
         build(args.out, args.steps, args.clip_steps, args.text_steps, args.seed)
 
 
