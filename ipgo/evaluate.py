@@ -269,6 +269,8 @@ def evaluate(
                            "best_of_n_matches_compute": matched, "bootstrap": bootstrap,
                            "tie_tolerance": tie_tolerance}
     earlier = _earlier_grids(out_dir)  # with --overwrite: an earlier evaluation's methods, maybe others
+    for name in ("metrics.json", "report.md"):  # before any grid is replaced: a write that fails part-way leaves
+        (out_dir / name).unlink(missing_ok=True)  # no report that the new grids would contradict
     for name, method_images in images.items():
         if name != "raw":
             earlier.discard(save_before_after(images["raw"] / 255, method_images / 255, out_dir / f"grid_{name}.png"))

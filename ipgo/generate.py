@@ -321,6 +321,9 @@ def generate(
         renders = Renders(prompt_list, seed_list,
                           render(pipe, token_file, prompt_list, seed_list, False, progress, batch_size),
                           render(pipe, token_file, prompt_list, seed_list, True, progress, batch_size))
+    # the earlier manifest goes before any image is replaced: a write that fails part-way leaves no manifest that
+    # names the new images as the old ones
+    (Path(out) / "images.json").unlink(missing_ok=True)
     manifest = save_renders(renders, Path(out), {"tokens": str(tokens), "model": model or token_file.base_model,
                                                  "dtype": str(pipe.dtype).removeprefix("torch."),
                                                  "training_seeds_used": flagged})

@@ -68,6 +68,12 @@ def test_generate_matches_the_modules_render(run, tmp_path, capsys, monkeypatch)
         evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1000", out=str(tmp_path))
     generate(str(run_dir), seeds="1001", out=str(tmp_path), overwrite=True)
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["0000_seed1001.png", "0001_seed1001.png"]
+    with monkeypatch.context() as patched:  # a rerun that fails part-way leaves no manifest naming new images as old
+        patched.setattr("ipgo.generate.save_before_after", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            generate(str(run_dir), seeds="1002", out=str(tmp_path), overwrite=True)
+    assert not (tmp_path / "images.json").exists()
+    generate(str(run_dir), seeds="1001", out=str(tmp_path), overwrite=True)
     manifest = json.loads((tmp_path / "images.json").read_text())
     manifest["images"][0]["file"] = "../mine.png"  # a manifest ipgo did not write: nothing it lists is deleted
     (tmp_path / "images.json").write_text(json.dumps(manifest))
@@ -428,7 +434,11 @@ def test_prompts_too_long_for_the_tokens_are_refused_before_loading(run, tmp_pat
         generate(str(run_dir), seeds="1000", prompts=str(tmp_path / "dog.txt"), out=str(tmp_path / "g"))
 
 
-def test_evaluate_overwrite_replaces_the_earlier_grids(run, tmp_path):
+def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_evaluate_overwrite_replaces_the_earlier_grids(run, tmp_path, monkeypatch):
     run_dir, _ = run
     (tmp_path / "grid_gone.png").write_bytes(b"an earlier evaluation's method")
     (tmp_path / "metrics.json").write_text(json.dumps({"methods": {"raw": {}, "gone": {}}}))
@@ -436,3 +446,9 @@ def test_evaluate_overwrite_replaces_the_earlier_grids(run, tmp_path):
     evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1000", out=str(tmp_path), best_of_n="off", overwrite=True,
              starting_tokens=False)
     assert sorted(p.name for p in tmp_path.glob("grid_*.png")) == ["grid_ipgo.png", "grid_mine.png"]
+    # a rerun that fails while writing its grids leaves no report of the earlier one beside them
+    monkeypatch.setattr("ipgo.evaluate.save_before_after", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1001", out=str(tmp_path), best_of_n="off", overwrite=True,
+                 starting_tokens=False)
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "report.md").exists()
