@@ -17,11 +17,35 @@ def test_rotation_gets_gradient_and_changes_tokens():
     assert torch.allclose(before.norm(dim=-1), after.norm(dim=-1), atol=1e-5)
 
 
+def givens(dim: int, phi: float, odd: bool) -> torch.Tensor:
+    """G_k of the module docstring as a matrix: every pair (2j, 2j+1), or (2j+1, 2j+2 mod D), turned by phi."""
+    g = torch.eye(dim, dtype=torch.float64)
+    c, s = torch.cos(torch.tensor(phi, dtype=torch.float64)), torch.sin(torch.tensor(phi, dtype=torch.float64))
+    for j in range(dim // 2):
+        a, b = (2 * j + 1, (2 * j + 2) % dim) if odd else (2 * j, 2 * j + 1)
+        g[a, a], g[a, b], g[b, a], g[b, b] = c, -s, s, c
+    return g
+
+
+def rotated_by_hand(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Each row of x (n, D) times its own R(theta_i) = G_{a-1}(theta_{i,a-1}) ... G_0(theta_{i,0})."""
+    rows = []
+    for row, thetas in zip(x.double(), angles.tolist()):
+        r = torch.eye(x.shape[-1], dtype=torch.float64)
+        for k, phi in enumerate(thetas):
+            r = givens(x.shape[-1], phi, odd=k % 2 == 1) @ r
+        rows.append(r @ row)
+    return torch.stack(rows)
+
+
 def test_rotation_is_orthogonal_and_mixes_all_pairs():
     x = torch.randn(5, 8)
-    angles = torch.rand(5, 3) * 6 - 3
+    angles = torch.rand(5, 3) * 6 - 3  # every token its own angles
     y = rotate(x, angles)
     assert torch.allclose(x.norm(dim=-1), y.norm(dim=-1), atol=1e-5)
+    torch.testing.assert_close(y.double(), rotated_by_hand(x, angles), atol=1e-5, rtol=0)
+    # batched over sets: (G, n, D) with (G, n, a)
+    torch.testing.assert_close(rotate(x.view(1, 5, 8), angles.view(1, 5, 3))[0], y)
     # the odd pairing couples coordinates 1 and 2, which the even pairing keeps apart
     e1 = torch.zeros(1, 8)
     e1[0, 1] = 1
@@ -42,7 +66,9 @@ def test_basis_orthonormal_and_coefficients_bounded_after_many_steps():
         loss.backward()
         opt.step()
         sets.project_()
-        assert all(p.abs().max() <= 0.5 + 1e-7 for p in sets.coefficients())
+        # the parameters themselves, not the list project_ clamps: every set and side stays in the bound
+        assert all(side.coeffs.abs().max() <= 0.5 + 1e-7 for s in sets.sets for side in (s.prefix, s.suffix))
+    assert len(sets.coefficients()) == 4  # 2 sets x (prefix, suffix)
     for s in sets.sets:
         from ipgo.tokens import orthonormal_basis
 
@@ -113,14 +139,33 @@ def test_per_set_clipping_is_per_set():
         assert torch.equal(before, q.grad)  # the small one is untouched
 
 
+def gram_schmidt(w: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning w (D, m), each column the next one of w with the earlier directions taken out:
+    the Q of the QR factorisation whose R has a positive diagonal, computed without QR."""
+    columns = []
+    for v in w.double().T:
+        for q in columns:
+            v = v - (q @ v) * q
+        columns.append(v / v.norm())
+    return torch.stack(columns, dim=1)
+
+
 def test_side_tokens_matches_formula():
-    g = torch.Generator().manual_seed(0)
-    basis, coeffs = torch.randn(1, 6, 3, generator=g), torch.rand(1, 2, 3, generator=g)
-    bias = torch.randn(1, 6, generator=g)
     from ipgo.tokens import orthonormal_basis
 
-    expected = coeffs @ orthonormal_basis(basis).transpose(-1, -2) + bias[:, None]
-    assert torch.allclose(side_tokens(basis, coeffs, torch.zeros(1, 2, 0), bias), expected)
+    g = torch.Generator().manual_seed(0)
+    basis, coeffs = torch.randn(1, 6, 3, generator=g), torch.rand(1, 2, 3, generator=g)
+    bias, angles = torch.randn(1, 6, generator=g), torch.rand(1, 2, 2, generator=g) * 6 - 3
+    e = gram_schmidt(basis[0])
+    torch.testing.assert_close(orthonormal_basis(basis)[0].double(), e, atol=1e-5, rtol=0)
+    # token_i = R(theta_i) E z_i + c: rotated first, then the bias (which is not rotated)
+    expected = rotated_by_hand(coeffs[0].double() @ e.T, angles[0]) + bias[0].double()
+    torch.testing.assert_close(side_tokens(basis, coeffs, angles, bias)[0].double(), expected, atol=1e-5, rtol=0)
+    # E is continuous in W: a tiny change of W moves it a little (QR alone may flip a column's sign)
+    for delta in (1e-4, -1e-4):
+        moved = basis.clone()
+        moved[0, 0, 0] += delta
+        assert (orthonormal_basis(moved) - orthonormal_basis(basis)).abs().max() < 1e-2
 
 
 @pytest.mark.parametrize("config", [TokenConfig(n_prefix=0, n_suffix=3, rank=2),
