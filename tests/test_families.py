@@ -73,12 +73,14 @@ def test_ipgo_plus_tokens_depend_on_the_prompt_without_parameters(ipgo_cache, ti
     from ipgo.inject import conditioning
 
     prefix, suffix = plus.token_vectors([0, 0])
-    _, _, embeds, placed_plus, _ = conditioning(plus.backbone, PROMPTS, prefix, suffix, prompt_attention=True)
-    assert not torch.allclose(placed_plus[0], placed_plus[1])  # IPGO+ tokens are prompt-conditioned
-    for row in range(len(PROMPTS)):  # P + softmax(P h[:L]^T / sqrt(D)) h[:L], over the prompt's real states
-        states = embeds.hidden[row, : int(embeds.lengths[row])]
-        weights = (prefix[row] @ states.T / states.shape[-1] ** 0.5).softmax(dim=-1)
-        torch.testing.assert_close(placed_plus[row], prefix[row] + weights @ states)
+    _, _, embeds, placed_prefix, placed_suffix = conditioning(plus.backbone, PROMPTS, prefix, suffix,
+                                                              prompt_attention=True)
+    assert not torch.allclose(placed_prefix[0], placed_prefix[1])  # IPGO+ tokens are prompt-conditioned
+    for tokens, placed in ((prefix, placed_prefix), (suffix, placed_suffix)):  # P and Q alike
+        for row in range(len(PROMPTS)):  # P + softmax(P h[:L]^T / sqrt(D)) h[:L], over the prompt's real states
+            states = embeds.hidden[row, : int(embeds.lengths[row])]
+            weights = (tokens[row] @ states.T / states.shape[-1] ** 0.5).softmax(dim=-1)
+            torch.testing.assert_close(placed[row], tokens[row] + weights @ states)
 
     # the token file records IPGO+, and applying it reproduces the module's render
     path = save_tokens(tmp_path / "plus.safetensors", plus.token_file())
