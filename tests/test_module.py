@@ -81,6 +81,33 @@ def test_prompt_wise_raises_each_prompts_reward(tiny_sd_dir, tiny_clip_dir, tmp_
     assert (tmp_path / "before_after.png").is_file()
 
 
+def test_the_conformity_penalty_is_in_the_loss_and_its_gradient(tiny_sd_dir, tiny_clip_dir):
+    """loss_i = -reward_i + lambda * conformity_i: the difference of two weights is the penalty, in value and in
+    the gradient that reaches the tokens."""
+    from ipgo.inject import conditioning, conformity
+
+    module = make_module(tiny_sd_dir, tiny_clip_dir)
+    module.prepare(PROMPTS)
+    index = torch.arange(len(PROMPTS))
+    losses, grads = {}, {}
+    for weight in (0.0, 3.0):
+        module.conformity_weight = weight
+        module.tokens.zero_grad()
+        loss = module._step_loss(PROMPTS, index, step=0)
+        loss.backward()
+        losses[weight], grads[weight] = loss.detach(), [q.grad.clone() for q in module.tokens.parameters()]
+    module.tokens.zero_grad()
+    _, _, embeds, prefix, suffix = conditioning(module.backbone, PROMPTS, *module.token_vectors(index), module.layout,
+                                                module.too_long, masked=True)
+    penalty = conformity(embeds.hidden, embeds.lengths, prefix, suffix)  # (prompts,), summed: prompt-wise
+    assert (penalty > 0).all()
+    torch.testing.assert_close(losses[3.0] - losses[0.0], 3.0 * penalty.sum().detach(), atol=1e-5, rtol=1e-4)
+    (3.0 * penalty.sum()).backward()
+    for with_penalty, without, q in zip(grads[3.0], grads[0.0], module.tokens.parameters()):
+        torch.testing.assert_close(with_penalty - without, q.grad, atol=1e-5, rtol=1e-4)
+    assert any(q.grad.abs().max() > 1e-4 for q in module.tokens.parameters())
+
+
 @pytest.mark.parametrize("layout", ["padded", "unpadded"])
 def test_batched_prompt_wise_equals_one_prompt_at_a_time(tiny_sd_dir, tiny_clip_dir, tmp_path, layout):
     """Independent token sets: batch composition changes nothing, gradient clipping included.
