@@ -167,7 +167,14 @@ def test_prompt_batch_shares_tokens_and_validates(tiny_sd_dir, tiny_clip_dir, tm
     trainer = fit(module, datamodule, tmp_path, epochs=2, accumulate_grad_batches=2)
     assert len(module.tokens) == 1 and module.best is None
     assert len(datamodule.val_prompts) == 2 and not set(datamodule.val_prompts) & set(datamodule.train_prompts)
-    assert "val/reward" in trainer.callback_metrics
+    # the validation reward: the held-out prompts with the shared tokens, on the eval seeds (the last validation
+    # ran after the last step)
+    val = datamodule.val_prompts
+    with torch.no_grad():
+        tuned = module.score(val, module.seeds.eval, *module.token_vectors([0] * len(val))).mean()
+        raw = module.score(val, module.seeds.eval).mean()
+    torch.testing.assert_close(trainer.callback_metrics["val/reward"], tuned, atol=1e-5, rtol=0)
+    assert (tuned - raw).abs() > 1e-4
     summary = (tmp_path / "summary.json").read_text()
     assert "held-out (validation split)" in summary and datamodule.val_prompts[0] in summary
 
