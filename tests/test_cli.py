@@ -44,7 +44,20 @@ def test_any_key_can_be_overridden(capsys):
     assert model["sampler"]["scheduler"] == "ddim"
 
 
-@pytest.mark.slow
+def final_tokens(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The token parameters after a run's last update (the exported file may hold an earlier step's: select best)."""
+    state = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    return {key: value for key, value in state.items() if key.startswith("tokens.")}
+
+
+def assert_same_final_tokens(a: Path, b: Path) -> None:
+    """The last update depends on the optimiser's state: a resume that lost it would end elsewhere."""
+    first, second = final_tokens(a), final_tokens(b)
+    assert first.keys() == second.keys() and first
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], atol=1e-6, rtol=0)
+
+
 def count_training_epochs(monkeypatch) -> list[int]:
     """The epochs in which training steps run from now on (one entry per step)."""
     epochs: list[int] = []
@@ -58,6 +71,7 @@ def count_training_epochs(monkeypatch) -> list[int]:
     return epochs
 
 
+@pytest.mark.slow
 def test_resume_continues_where_the_run_stopped(tmp_path, monkeypatch, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     main([*QUICK, "--trainer.max_epochs", "4", "--trainer.default_root_dir", str(straight)])
@@ -236,6 +250,7 @@ def test_an_interrupted_run_resumes_from_its_last_finished_epoch(tmp_path, monke
     assert epochs == [2]
     a, b = load_file(straight / "tokens.safetensors"), load_file(broken / "tokens.safetensors")
     assert (a["prefix"] - b["prefix"]).abs().max() < 1e-6
+    assert_same_final_tokens(straight, broken)
 
 
 def test_a_fresh_run_refuses_a_folder_with_files(tmp_path, monkeypatch):
@@ -532,3 +547,4 @@ def test_a_checkpoint_of_an_earlier_version_with_unused_token_parameters_resumes
     assert epochs == [1]  # resumed with the checkpoint's optimiser state, not started again
     a, b = load_file(straight / "tokens.safetensors"), load_file(resumed / "tokens.safetensors")
     assert (a["prefix"] - b["prefix"]).abs().max() < 1e-6
+    assert_same_final_tokens(straight, resumed)
