@@ -46,6 +46,7 @@ def pipe_images(pipe, prompts, seed, config):
 
 @pytest.mark.parametrize(("layout", "mode", "scheduler"), [
     ("padded", "prompt-wise", "lms"), ("unpadded", "prompt-wise", "ddim"), ("padded", "prompt-batch", "euler"),
+    ("padded", "prompt-wise", "dpmpp_2m"),
 ])
 def test_round_trip_gives_the_modules_image(tiny_sd_dir, tiny_clip_dir, tmp_path, layout, mode, scheduler):
     module = make_module(tiny_sd_dir, tiny_clip_dir, layout, mode, scheduler)
