@@ -10,6 +10,7 @@ the resolved config to `<run>/config.yaml`; checkpoints to `<run>/checkpoints/`
 from __future__ import annotations
 
 import json
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -85,7 +86,7 @@ class IPGOCLI(LightningCLI):
             # TensorBoard appends to the run folder; CSV gets a new version per (resumed) run, since
             # CSVLogger deletes an existing metrics.csv in its folder
             kwargs["logger"] = [
-                TensorBoardLogger(save_dir=str(run_dir), name="", version=""),
+                TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False),
                 CSVLogger(save_dir=str(run_dir), name="csv"),
             ]
         kwargs["default_root_dir"] = str(run_dir)
@@ -124,13 +125,25 @@ def trainer_defaults() -> dict[str, Any]:
 # Expected here, and noise to a user: the frozen model is in eval mode on purpose, prompt-wise
 # runs have no validation prompts, and a resumed run's checkpoint folder holds its checkpoint.
 QUIET = (r"Found \d+ module\(s\) in eval mode", r"Total length of `list` across ranks is zero",
-         r"Checkpoint directory .* exists and is not empty")
+         r"Checkpoint directory .* exists and is not empty",
+         r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning 2.6 on torch 2.14, not ours to act on
+
+
+class _NoAdvert(logging.Filter):
+    """Lightning's tip to install its cloud logger, printed by every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+NO_ADVERT = _NoAdvert()
 
 
 def main(args: list[str] | None = None) -> IPGOCLI:
     """Parse the command line (or `args`), then fit; returns the CLI (its trainer, model, datamodule)."""
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NO_ADVERT)  # once: the same filter
     cli = IPGOCLI(
         IPGOModule,
         PromptDataModule,

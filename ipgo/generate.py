@@ -36,7 +36,7 @@ from ipgo.export import (
     remove_tokens,
 )
 from ipgo.files import atomic_path, check_output_folder, write_text
-from ipgo.report import save_before_after
+from ipgo.report import progress_bar, save_before_after
 from ipgo.sampling import make_scheduler
 
 MAX_SEED = 2**32
@@ -188,11 +188,6 @@ def check_device(device: str) -> None:
 def check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size}: give the number of images per pipeline call, at least 1")
-
-
-def progress_bar(total: int, command: str) -> tqdm:
-    """The images a command renders, counted on stderr (the pipeline's own per-call bar is off)."""
-    return tqdm(total=total, desc=command, unit="image", dynamic_ncols=True)
 
 
 @torch.no_grad()

@@ -148,8 +148,9 @@ class IPGOModule(L.LightningModule):
             or every optimiser "step".
         select: prompt-wise export of the "best" tokens seen (on the training seeds) or the "last".
         report_prompts: prompts rendered before/after on the held-out seeds at the end of fit.
-        image_every_n_epochs: log renders of up to 4 prompts on the held-out seeds to TensorBoard every
-            this many epochs (0: never).
+        image_every_n_epochs: log renders of up to 4 prompts on the held-out seeds to TensorBoard
+            (`images/held_out_seeds`: a row per prompt, a column per seed) every this many epochs and after the
+            last (0: never).
         prompt_attention: IPGO+ (prompt-batch): make the shared tokens prompt-dependent with a
             parameter-free cross-attention over the prompt's states (formula in `inject.py`).
         rewards: instead of `reward`, named rewards summed with weights, each logged on its own:
@@ -410,14 +411,14 @@ class IPGOModule(L.LightningModule):
             self.best.update(index, reward, self._components(rewards), prefix, suffix, self._combine)
         self.compute["images_rendered"] += len(prompts) * n_seeds * processes
         if log:  # averaged over all processes' prompts
-            size = len(prompts)
-            self.log("train/reward", reward.mean(), prog_bar=True, batch_size=size, on_step=True, on_epoch=True,
-                     sync_dist=True)
-            self.log("train/conformity", penalty.mean(), batch_size=size, on_epoch=True, sync_dist=True)
+            # prompt-wise, an epoch is one step of every prompt: per-batch points would zig-zag between prompt groups
+            per = {"batch_size": len(prompts), "on_step": not self.prompt_wise, "on_epoch": True, "sync_dist": True}
+            self.log("train/reward", reward.mean(), prog_bar=True, **per)
+            self.log("train/conformity", penalty.mean(), **per)
             if isinstance(self.reward, CombinedReward):
                 for name, scores in self.reward.components.items():
-                    self.log(f"train/{name}", scores.mean(), batch_size=size, on_epoch=True, sync_dist=True)
-            self.log("train/loss", losses.mean(), batch_size=size, on_epoch=True, sync_dist=True)
+                    self.log(f"train/{name}", scores.mean(), **per)
+            self.log("train/loss", losses.mean(), **per)
         return loss
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
@@ -529,7 +530,8 @@ class IPGOModule(L.LightningModule):
         if self.grad_clip is not None:
             norms = self.tokens.clip_grad_norm_per_set_(self.grad_clip)
             if norms.numel():
-                self.log("train/grad_norm", norms.mean(), on_step=True, on_epoch=False)
+                self.log("train/grad_norm", norms.mean(), on_step=not self.prompt_wise, on_epoch=self.prompt_wise,
+                         batch_size=len(norms))  # the mean over token sets; an epoch's, weighted by sets
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -710,9 +712,9 @@ class IPGOModule(L.LightningModule):
         return record
 
     def on_train_epoch_end(self) -> None:
-        every = self.image_every_n_epochs
-        if every and (self.current_epoch + 1) % every == 0 and self.trainer.is_global_zero:
-            self._log_image_grid()
+        every, epoch = self.image_every_n_epochs, self.current_epoch + 1
+        if every and (epoch % every == 0 or epoch == self.trainer.max_epochs) and self.trainer.is_global_zero:
+            self._log_image_grid()  # and after the last epoch: the final tokens
 
     @torch.no_grad()
     def _log_image_grid(self) -> None:
@@ -729,7 +731,7 @@ class IPGOModule(L.LightningModule):
         grid = make_grid(images.float().cpu(), nrow=len(self.seeds.eval))
         for logger in self.loggers:
             if hasattr(logger.experiment, "add_image"):
-                logger.experiment.add_image("val/images", grid, self.global_step)
+                logger.experiment.add_image("images/held_out_seeds", grid, self.global_step)
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:

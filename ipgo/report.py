@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
+from tqdm.auto import tqdm
 
 from ipgo.export import load_tokens, save_tokens
 from ipgo.files import atomic_path, write_text
@@ -20,6 +21,11 @@ from ipgo.tokens import TokenSets
 
 if TYPE_CHECKING:
     from ipgo.module import IPGOModule
+
+
+def progress_bar(total: int, command: str, disable: bool = False) -> tqdm:
+    """The images a command renders, counted on stderr (the pipeline's own per-call bar is off)."""
+    return tqdm(total=total, desc=command, unit="image", dynamic_ncols=True, disable=disable)
 
 
 def save_before_after(before: Tensor, after: Tensor, path: Path, gap: int = 8) -> Path:
@@ -50,13 +56,19 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
                                 range(len(prompts)) if module.prompt_wise else [0]).to(module.device)
     rows, scores = [], {"before": [], "start": [], "after": []}
     judged: dict[str, dict[str, list[float]]] = {}
+    trainer = module._trainer  # None outside a Trainer
+    progress = progress_bar(3 * len(prompts) * len(seeds), "ipgo.fit: before/start/after renders",
+                            disable=trainer is not None and trainer.progress_bar_callback is None)
     for first in range(0, len(prompts), 4):
         chunk = prompts[first : first + 4]
         p, s = tokens.tokens_for(chunk)
         with torch.no_grad():
             p0, s0 = initial(range(first, first + len(chunk)) if module.prompt_wise else [0] * len(chunk))
-        images = {"before": module.render(chunk, seeds), "start": module.render(chunk, seeds, p0, s0),
-                  "after": module.render(chunk, seeds, p.to(module.device), s.to(module.device))}
+        images = {}
+        for when, (prefix, suffix) in {"before": (None, None), "start": (p0, s0),
+                                       "after": (p.to(module.device), s.to(module.device))}.items():
+            images[when] = module.render(chunk, seeds, prefix, suffix)
+            progress.update(len(chunk) * len(seeds))
         repeated = [q for q in chunk for _ in seeds]
         with torch.no_grad(), frozen_statistics(module.reward):  # all on one scale
             for when, rendered in images.items():
@@ -66,18 +78,24 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
                     for name, values in module.judges.components.items():
                         judged.setdefault(name, {key: [] for key in scores})[when] += values.float().tolist()
         rows.append(tuple(images[when].unflatten(0, (len(chunk), len(seeds))) for when in ("before", "after")))
+    progress.close()
     if rows:
         befores, afters = zip(*rows)
         save_before_after(torch.cat(befores), torch.cat(afters), run_dir / "before_after.png")
 
+    compute = json.loads(tokens.extra.get("compute", "{}"))
     summary = {
         "mode": module.mode,
+        "model": module.backbone.model,
         "reward": module.reward.name,
-        "prompts_are": "held-out (validation split)" if held_out else "training prompts",
+        "epochs": trainer.max_epochs if trainer is not None else None,  # steps per prompt, prompt-wise
+        "fit_seconds": round(compute["fit_seconds"], 1) if "fit_seconds" in compute else None,
+        "run_dir": str(run_dir),
+        "prompts_are": "held-out prompts (validation split)" if held_out else "training prompts",
         "seeds": seeds,
         "seeds_are": "held out: never used in optimisation",
         "per_prompt": [
-            {"prompt": q, "before": b, "start": s, "after": a, "change": a - b}
+            {"prompt": q, "before": b, "start": s, "after": a, "change": a - b, "change_from_start": a - s}
             for q, b, s, a in zip(prompts, scores["before"], scores["start"], scores["after"])
         ],
         "tokens": tokens_path.name,  # in the run folder
@@ -132,9 +150,12 @@ def _change(before: float | None, after: float | None) -> str:
 
 def summary_markdown(summary: dict) -> str:
     """The summary as a small Markdown report (also printed at the end of a run)."""
-    lines = [
-        f"# ipgo run summary ({summary['mode']})",
-        "",
+    lines = [f"# ipgo run summary ({summary['mode']})", ""]
+    if "model" in summary:
+        epochs = "" if summary["epochs"] is None else f", {summary['epochs']} epochs"
+        seconds = "" if summary["fit_seconds"] is None else f" in {summary['fit_seconds']:.0f} s of optimisation"
+        lines += [f"`{summary['model']}`{epochs}{seconds}; run folder `{summary['run_dir']}`.", ""]
+    lines += [
         f"Reward `{summary['reward']}` on {summary['prompts_are']}, seeds {summary['seeds']} "
         f"({summary['seeds_are']}); mean over seeds. This is the optimised reward: judge with held-out "
         "rewards too (`ipgo.evaluate`).",
@@ -142,17 +163,17 @@ def summary_markdown(summary: dict) -> str:
         "Before: the raw prompt. Start: the tokens as initialised, before the first step (adding tokens at all). "
         "After: the exported tokens. What the optimisation did is after against start.",
         "",
-        "| prompt | before | start | after | change (after - before) |",
-        "|---|---:|---:|---:|---:|",
+        "| prompt | before | start | after | after - before | after - start |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for row in summary["per_prompt"]:
         shown = row["prompt"] if len(row["prompt"]) <= 50 else row["prompt"][:47] + "..."
         lines.append(f"| {shown} | {_figure(row['before'])} | {_figure(row.get('start'))} | {_figure(row['after'])} | "
-                     f"{_figure(row['change'], sign=True)} |")
+                     f"{_change(row['before'], row['after'])} | {_change(row.get('start'), row['after'])} |")
     if "mean_before" in summary:
         before, start, after = summary["mean_before"], summary.get("mean_start"), summary["mean_after"]
         lines.append(f"| **mean** | {_figure(before)} | {_figure(start)} | {_figure(after)} | "
-                     f"{_change(before, after)} |")
+                     f"{_change(before, after)} | {_change(start, after)} |")
     for name, judge in summary.get("judges", {}).items():
         lines += ["", f"Judge `{name}` (not optimised), mean over the same {judge['images']} renders: "
                   f"before {_figure(judge['before'])}, start {_figure(judge.get('start'))}, after "
@@ -162,8 +183,8 @@ def summary_markdown(summary: dict) -> str:
         train = summary["train"]
         lines += ["", f"Optimisation (training seeds {train['seeds']}, mean over prompts): reward at the first "
                   f"step {_figure(train['first_step_mean'])}, at the last step (scored before its update) "
-                  f"{_figure(train['last_step_mean'])}, at the best step {_figure(train['best_step_mean'])}; exported "
-                  f"tokens: {train['exported']}."]
+                  f"{_figure(train['last_step_mean'])}, at each prompt's best step "
+                  f"{_figure(train['best_step_mean'])}; exported tokens: {train['exported']}."]
         if train.get("noise") == "fresh":
             lines[-1] += (" Each step was scored on fresh noise, so the best step's reward is partly the luck of its "
                           "noise: the held-out figures above are the measure.")

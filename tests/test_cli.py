@@ -221,7 +221,12 @@ def test_a_run_without_checkpointing_writes_its_outputs(tmp_path, capsys):
         cli = main([*QUICK, "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false",
                     "--trainer.default_root_dir", str(tmp_path)])
     assert (tmp_path / "summary.json").is_file() and not (tmp_path / "checkpoints").exists()
-    assert capsys.readouterr().out.endswith("\n" + (tmp_path / "summary.md").read_text() + "\n")  # printed last
+    printed = capsys.readouterr()
+    assert printed.out.endswith("\n" + (tmp_path / "summary.md").read_text() + "\n")  # printed last
+    assert "before/start/after renders" not in printed.err  # QUICK turns the progress bars off: this one too
+    main([*QUICK, "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "true", "--trainer.default_root_dir",
+          str(tmp_path / "shown")])
+    assert "ipgo.fit: before/start/after renders: 100%" in capsys.readouterr().err  # the renders after training
     exported = load_file(tmp_path / "tokens.safetensors")["prefix"]
     assert torch.equal(exported, cli.model.best.prefix)  # what the warning says: the tokens measured at the start
     with torch.no_grad():
@@ -503,7 +508,9 @@ def test_demo_runs_with_each_reward(choice, tmp_path):
     assert (run_dir / "tokens.safetensors").is_file()
     metrics = (run_dir / "csv/version_0/metrics.csv").read_text().splitlines()[0]
     if choice == "combined":
-        assert {"train/hpsv2_epoch", "train/pickscore_epoch", "train/image_reward_epoch"} <= set(metrics.split(","))
+        # prompt-wise: one point per epoch (a step of every prompt), without Lightning's _step/_epoch pair
+        assert {"train/hpsv2", "train/pickscore", "train/image_reward", "train/grad_norm"} <= set(metrics.split(","))
+        assert "train/reward_step" not in metrics.split(",")
         assert [name for name in cli.model.reward.components] == ["hpsv2", "pickscore", "image_reward"]
     if choice == "running":
         assert "train/aesthetic_epoch" in metrics.split(",") and cli.model.reward.stats["clip_score"].count > 0

@@ -371,7 +371,7 @@ def test_fit_logs_image_grids_to_tensorboard(tiny_sd_dir, tiny_clip_dir, tmp_pat
         module, datamodule=PromptDataModule(str(tmp_path / "p.txt")))
     events = EventAccumulator(str(tmp_path))
     events.Reload()
-    assert "val/images" in events.Tags()["images"] and "train/reward_epoch" in events.Tags()["scalars"]
+    assert "images/held_out_seeds" in events.Tags()["images"] and "train/reward" in events.Tags()["scalars"]
 
 
 def test_before_after_grid_puts_a_white_gap_between_the_halves(tmp_path):

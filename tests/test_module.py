@@ -176,7 +176,12 @@ def test_prompt_batch_shares_tokens_and_validates(tiny_sd_dir, tiny_clip_dir, tm
     torch.testing.assert_close(trainer.callback_metrics["val/reward"], tuned, atol=1e-5, rtol=0)
     assert (tuned - raw).abs() > 1e-4
     summary = (tmp_path / "summary.json").read_text()
-    assert "held-out (validation split)" in summary and datamodule.val_prompts[0] in summary
+    assert "held-out prompts (validation split)" in summary and datamodule.val_prompts[0] in summary
+    summary = json.loads(summary)
+    assert summary["epochs"] == 2 and summary["fit_seconds"] > 0 and summary["model"] == str(tiny_sd_dir)
+    row = summary["per_prompt"][0]
+    assert row["change_from_start"] == pytest.approx(row["after"] - row["start"])
+    assert f"`{tiny_sd_dir}`, 2 epochs in " in (tmp_path / "summary.md").read_text()
 
 
 def test_prompt_wise_refuses_validation_split_and_accumulation(tiny_sd_dir, tiny_clip_dir, tmp_path):
