@@ -458,9 +458,11 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         "# ipgo evaluation", "",
         f"{len(settings['prompts'])} prompts x {len(settings['seeds'])} seeds {settings['seeds']}; every method "
         "renders the same prompts and seeds. Win rates compare with the raw prompt on the same prompt and seed "
-        f"(ties: |difference| <= {settings['tie_tolerance']}), with 95% intervals that resample prompts "
-        f"({settings['bootstrap']} resamples; never narrower than the Wilson interval over prompts). Standard "
-        "errors are over prompt means.",
+        f"(ties: |difference| <= {settings['tie_tolerance']}); the win rate is wins / images, so a tie counts as "
+        f"no win. Its 95% intervals resample prompts ({settings['bootstrap']} resamples; never narrower than the "
+        "Wilson interval over prompts). Standard errors are over prompt means. Each grid `grid_<method>.png` holds "
+        f"the first {min(GRID_PROMPTS, len(settings['prompts']))} prompts, a row each: the raw prompt's images on "
+        "the left, the method's on the right, seed by seed.",
     ]
     if settings["best_of_n"]:
         matching = ("N = the optimisation's sampler calls per prompt, spent at every seed"

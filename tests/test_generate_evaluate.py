@@ -114,6 +114,7 @@ def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path, capsys, monkeypa
     assert metrics["settings"]["best_of_n_matches_compute"]
     report = (tmp_path / "report.md").read_text()
     assert "(N = the optimisation's sampler calls per prompt, spent at every seed)" in report
+    assert "a tie counts as no win" in report and "holds the first 2 prompts, a row each: the raw prompt's" in report
     # ipgo_start: the run's tokens as a fresh run initialises them, rendered through the pipeline like the others
     from ipgo.tokens import TokenSets
 
