@@ -243,6 +243,7 @@ class IPGOModule(L.LightningModule):
         self.prompts: list[str] = []
         self.val_prompts: list[str] = []
         self._val_rewards = self._val_seen = torch.zeros(0)  # per validation prompt, see on_validation_epoch_start
+        self._update_rewards: list[Tensor] = []  # prompt-batch: the rewards of the batches one update accumulates
 
     # -- set-up ---------------------------------------------------------------------------
     @property
@@ -410,9 +411,12 @@ class IPGOModule(L.LightningModule):
         if self.best is not None:
             self.best.update(index, reward, self._components(rewards), prefix, suffix, self._combine)
         self.compute["images_rendered"] += len(prompts) * n_seeds * processes
-        if log:  # averaged over all processes' prompts
-            # prompt-wise, an epoch is one step of every prompt: per-batch points would zig-zag between prompt groups
-            per = {"batch_size": len(prompts), "on_step": not self.prompt_wise, "on_epoch": True, "sync_dist": True}
+        if log:  # averaged over all processes' prompts; one point per epoch (prompt-wise, an epoch is one step of
+            # every prompt: per-batch points would zig-zag between prompt groups; prompt-batch, a batch is part of
+            # an update when gradients accumulate: see on_before_optimizer_step for the per-update reward)
+            per = {"batch_size": len(prompts), "on_step": False, "on_epoch": True, "sync_dist": True}
+            if not self.prompt_wise:
+                self._update_rewards.append(reward.detach())
             self.log("train/reward", reward.mean(), prog_bar=True, **per)
             self.log("train/conformity", penalty.mean(), **per)
             if isinstance(self.reward, CombinedReward):
@@ -532,6 +536,11 @@ class IPGOModule(L.LightningModule):
             if norms.numel():
                 self.log("train/grad_norm", norms.mean(), on_step=not self.prompt_wise, on_epoch=self.prompt_wise,
                          batch_size=len(norms))  # the mean over token sets; an epoch's, weighted by sets
+        if self._update_rewards:  # prompt-batch: the mean reward of every prompt this update accumulated
+            rewards = torch.cat(self._update_rewards)
+            self._update_rewards = []
+            self.log("train/reward_per_update", rewards.mean(), prog_bar=True, on_step=True, on_epoch=False,
+                     batch_size=len(rewards), sync_dist=True)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -510,10 +510,11 @@ def test_demo_runs_with_each_reward(choice, tmp_path):
     if choice == "combined":
         # prompt-wise: one point per epoch (a step of every prompt), without Lightning's _step/_epoch pair
         assert {"train/hpsv2", "train/pickscore", "train/image_reward", "train/grad_norm"} <= set(metrics.split(","))
-        assert "train/reward_step" not in metrics.split(",")
+        assert not {"train/reward_step", "train/reward_per_update"} & set(metrics.split(","))
         assert [name for name in cli.model.reward.components] == ["hpsv2", "pickscore", "image_reward"]
     if choice == "running":
-        assert "train/aesthetic_epoch" in metrics.split(",") and cli.model.reward.stats["clip_score"].count > 0
+        assert {"train/aesthetic", "train/reward_per_update"} <= set(metrics.split(","))  # prompt-batch
+        assert cli.model.reward.stats["clip_score"].count > 0
 
 
 def test_unknown_reward_name_lists_the_known_ones(capsys):

@@ -166,6 +166,10 @@ def test_prompt_batch_shares_tokens_and_validates(tiny_sd_dir, tiny_clip_dir, tm
     datamodule = PromptDataModule(prompt_file(tmp_path, prompts), batch_size=2, val_fraction=0.4, shuffle=True)
     trainer = fit(module, datamodule, tmp_path, epochs=2, accumulate_grad_batches=2)
     assert len(module.tokens) == 1 and module.best is None
+    # the 3 training prompts in batches of 2 and 1 make one update: its reward is the mean over all 3 (the epoch's),
+    # not the last batch's
+    metrics = trainer.callback_metrics
+    torch.testing.assert_close(metrics["train/reward_per_update"], metrics["train/reward"])
     assert len(datamodule.val_prompts) == 2 and not set(datamodule.val_prompts) & set(datamodule.train_prompts)
     # the validation reward: the held-out prompts with the shared tokens, on the eval seeds (the last validation
     # ran after the last step)
