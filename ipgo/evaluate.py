@@ -268,14 +268,16 @@ def evaluate(
                            "selection_reward": selector if n else None, "best_of_n": n,
                            "best_of_n_matches_compute": matched, "bootstrap": bootstrap,
                            "tie_tolerance": tie_tolerance}
-    earlier = _earlier_grids(out_dir)  # with --overwrite: an earlier evaluation's methods, maybe others
-    for name in ("metrics.json", "report.md"):  # before any grid is replaced: a write that fails part-way leaves
-        (out_dir / name).unlink(missing_ok=True)  # no report that the new grids would contradict
-    for name, method_images in images.items():
-        if name != "raw":
-            earlier.discard(save_before_after(images["raw"] / 255, method_images / 255, out_dir / f"grid_{name}.png"))
-    for path in earlier:
+    # Before any grid is replaced (with --overwrite): the earlier evaluation's other grids go, and metrics.json
+    # names, without figures, the methods whose grids this run writes. A write that fails part-way then leaves no
+    # report that the new grids would contradict, and the next run still finds every grid to remove.
+    methods = [name for name in images if name != "raw"]
+    for path in _earlier_grids(out_dir) - {out_dir / f"grid_{name}.png" for name in methods}:
         path.unlink(missing_ok=True)
+    (out_dir / "report.md").unlink(missing_ok=True)
+    write_text(out_dir / "metrics.json", json.dumps({"writing": True, "methods": dict.fromkeys(methods, {})}) + "\n")
+    for name in methods:
+        save_before_after(images["raw"] / 255, images[name] / 255, out_dir / f"grid_{name}.png")
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     report = report_markdown(metrics)
     write_text(out_dir / "report.md", report)

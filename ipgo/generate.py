@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ipgo.backbones import FAMILIES
+from ipgo.backbones import FAMILIES, family_of_pipeline
 from ipgo.data import read_prompts
 from ipgo.errors import UserError, reported
 from ipgo.export import (
@@ -118,7 +118,8 @@ def pipeline_config(tokens: TokenFile, model: str | None = None) -> dict[str, An
             raise ModelNotFoundError(f"the tokens' base model, as the token file names it: {found} If it has moved, "
                                      "pass its new place with --model.") from error
         raise found from error
-    if config.get("_class_name") != expected:
+    found = family_of_pipeline(config.get("_class_name"))
+    if found is not None and found.family != tokens.family:  # as ipgo.fit's check: another family's pipeline
         raise TokenFileError(
             f"these tokens were made for a {tokens.family!r} model ({expected}), but {name!r} "
             f"is a {config.get('_class_name')}: use the model the tokens were trained on"
@@ -223,6 +224,11 @@ def render(pipe: Any, tokens: TokenFile, prompts: Sequence[str], seeds: Sequence
     return torch.stack(rows)
 
 
+def render_file(kind: str, index: int, seed: int) -> str:
+    """Where `save_renders` writes an image, relative to the output folder."""
+    return f"{kind}/{index:04d}_seed{seed}.png"
+
+
 def save_renders(renders: Renders, out: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write PNGs, the side-by-side grid and `images.json`; returns the manifest."""
     from PIL import Image
@@ -231,7 +237,7 @@ def save_renders(renders: Renders, out: Path, extra: dict[str, Any] | None = Non
     for kind, images in (("raw", renders.raw), ("tuned", renders.tuned)):
         for i, prompt in enumerate(renders.prompts):
             for j, seed in enumerate(renders.seeds):
-                path = out / kind / f"{i:04d}_seed{seed}.png"
+                path = out / render_file(kind, i, seed)
                 array = (images[i, j].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
                 with atomic_path(path) as tmp:
                     Image.fromarray(array).save(tmp, format="PNG")
@@ -316,15 +322,16 @@ def generate(
         renders = Renders(prompt_list, seed_list,
                           render(pipe, token_file, prompt_list, seed_list, False, progress, batch_size),
                           render(pipe, token_file, prompt_list, seed_list, True, progress, batch_size))
-    # the earlier manifest goes before any image is replaced: a write that fails part-way leaves no manifest that
-    # names the new images as the old ones
-    (Path(out) / "images.json").unlink(missing_ok=True)
-    manifest = save_renders(renders, Path(out), {"tokens": str(tokens), "model": model or token_file.base_model,
-                                                 "dtype": str(pipe.dtype).removeprefix("torch."),
-                                                 "training_seeds_used": flagged})
-    written = {(Path(out) / entry["file"]).resolve() for entry in manifest["images"]}
-    for path in set(earlier) - written:
+    # Before any image is replaced: the earlier ones not rewritten go, and the manifest lists, without labels, the
+    # files this run writes. A write that fails part-way then leaves no manifest that names new images as old
+    # ones, and the next run still finds every file to remove.
+    files = [render_file(kind, i, seed) for kind in ("raw", "tuned") for i in range(len(prompt_list))
+             for seed in seed_list]
+    for path in set(earlier) - {(Path(out) / file).resolve() for file in files}:
         path.unlink(missing_ok=True)
+    write_text(Path(out) / "images.json", json.dumps({"writing": True, "images": [{"file": f} for f in files]}) + "\n")
+    save_renders(renders, Path(out), {"tokens": str(tokens), "model": model or token_file.base_model,
+                                      "dtype": str(pipe.dtype).removeprefix("torch."), "training_seeds_used": flagged})
     print(f"wrote {len(prompt_list) * len(seed_list) * 2} images and grid.png to {out}")
     return renders
 

@@ -88,7 +88,7 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
         "mode": module.mode,
         "model": module.backbone.model,
         "reward": module.reward.name,
-        "epochs": trainer.max_epochs if trainer is not None else None,  # steps per prompt, prompt-wise
+        "epochs": _epochs_run(trainer),
         "fit_seconds": round(compute["fit_seconds"], 1) if "fit_seconds" in compute else None,
         "run_dir": str(run_dir),
         "prompts_are": "held-out prompts (validation split)" if held_out else "training prompts",
@@ -125,6 +125,14 @@ def write_run_outputs(module: IPGOModule, run_dir: Path) -> dict:
     # last: it marks a finished run
     write_text(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
+
+
+def _epochs_run(trainer: Any) -> int | None:
+    """The epochs a run finished (prompt-wise: its steps per prompt); None outside a Trainer."""
+    if trainer is None:
+        return None
+    # the multi-process prompt-wise path optimises inside predict, for max_epochs steps, and leaves current_epoch 0
+    return trainer.max_epochs if trainer.state.fn == "predict" else trainer.current_epoch
 
 
 def _finite(value: Any) -> tuple[Any, int]:

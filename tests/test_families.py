@@ -106,6 +106,24 @@ def test_a_token_file_for_another_family_is_refused(ipgo_cache, tmp_path):
         ipgo.token_embeds(pipe, path, "a cat")
 
 
+def test_a_checkpoint_saved_from_another_pipeline_of_its_family_is_accepted(ipgo_cache, tmp_path):
+    """Only another family's pipeline class is refused: a model saved from an img2img pipeline is still SD 1.x, for
+    ipgo.fit and for generate / evaluate alike."""
+    import json
+    import shutil
+
+    from ipgo.generate import pipeline_config
+
+    model = shutil.copytree(tiny_sd_path(ipgo_cache), tmp_path / "img2img")
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionImg2ImgPipeline"}))
+    StableDiffusion(str(model)).load_tokenizer()  # ipgo.fit's check
+    tokens = TokenFile(torch.zeros(2, 32), torch.zeros(2, 32), family="sd", base_model=str(model), hidden_size=32)
+    assert pipeline_config(tokens)["_class_name"] == "StableDiffusionImg2ImgPipeline"
+    with pytest.raises(UserError, match="is a StableDiffusionPipeline model, and StableDiffusionXL runs"):
+        StableDiffusionXL(str(tiny_sd_path(ipgo_cache))).load_tokenizer()
+
+
 def test_sd3_refuses_the_unpadded_layout_before_loading(ipgo_cache, tiny_clip_dir):
     """The unpadded layout keeps n_prefix + prompt + n_suffix positions: for SD 3 that would cut off T5's."""
     module = make_module("sd3", ipgo_cache, tiny_clip_dir, layout="unpadded")

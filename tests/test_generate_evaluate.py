@@ -72,8 +72,10 @@ def test_generate_matches_the_modules_render(run, tmp_path, capsys, monkeypatch)
         patched.setattr("ipgo.generate.save_before_after", full_disk)
         with pytest.raises(OSError, match="No space left"):
             generate(str(run_dir), seeds="1002", out=str(tmp_path), overwrite=True)
-    assert not (tmp_path / "images.json").exists()
+    assert json.loads((tmp_path / "images.json").read_text())["writing"]  # files only, no labels to mislead
     generate(str(run_dir), seeds="1001", out=str(tmp_path), overwrite=True)
+    # the failed run's images went too: its manifest listed them
+    assert sorted(p.name for p in (tmp_path / "tuned").iterdir()) == ["0000_seed1001.png", "0001_seed1001.png"]
     manifest = json.loads((tmp_path / "images.json").read_text())
     manifest["images"][0]["file"] = "../mine.png"  # a manifest ipgo did not write: nothing it lists is deleted
     (tmp_path / "images.json").write_text(json.dumps(manifest))
@@ -447,9 +449,17 @@ def test_evaluate_overwrite_replaces_the_earlier_grids(run, tmp_path, monkeypatc
     evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1000", out=str(tmp_path), best_of_n="off", overwrite=True,
              starting_tokens=False)
     assert sorted(p.name for p in tmp_path.glob("grid_*.png")) == ["grid_ipgo.png", "grid_mine.png"]
-    # a rerun that fails while writing its grids leaves no report of the earlier one beside them
+    # a rerun that fails while writing its grids leaves no report of the earlier one beside them, and the run after
+    # it still removes the grids the failed one wrote
     monkeypatch.setattr("ipgo.evaluate.save_before_after", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1001", out=str(tmp_path), best_of_n="off", overwrite=True,
+        evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1001", out=str(tmp_path), best_of_n=2, overwrite=True,
                  starting_tokens=False)
-    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "report.md").exists()
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"writing": True,
+                                                                   "methods": {"ipgo": {}, "best_of_2": {}}}
+    assert not (tmp_path / "report.md").exists()
+    monkeypatch.undo()
+    (tmp_path / "grid_best_of_2.png").write_bytes(b"written before the disk filled")
+    evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1000", out=str(tmp_path), best_of_n="off", overwrite=True,
+             starting_tokens=False)
+    assert sorted(p.name for p in tmp_path.glob("grid_*.png")) == ["grid_ipgo.png", "grid_mine.png"]

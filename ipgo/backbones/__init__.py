@@ -11,6 +11,12 @@ from ipgo.errors import UserError
 FAMILIES: dict[str, type[Backbone]] = {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "sd3": StableDiffusion3}
 
 
+def family_of_pipeline(class_name: str | None) -> type[Backbone] | None:
+    """The backbone of the family whose diffusers pipeline is `class_name` (a model_index.json's `_class_name`), or
+    None for another class (an img2img or community pipeline of any family is not refused for its name)."""
+    return next((backbone for backbone in FAMILIES.values() if backbone.pipeline_class == class_name), None)
+
+
 def backbone_for_pipeline(pipe: Any) -> Backbone:
     """The adapter of a loaded diffusers pipeline's family, sharing its components."""
     if getattr(pipe, "transformer", None) is not None and hasattr(pipe, "text_encoder_3"):
@@ -30,5 +36,5 @@ def backbone_for_pipeline(pipe: Any) -> Backbone:
 
 __all__ = [
     "FAMILIES", "Backbone", "Conditioning", "ModelNotFoundError", "PromptEmbeds", "PromptTooLongError",
-    "StableDiffusion", "StableDiffusion3", "StableDiffusionXL", "backbone_for_pipeline",
+    "StableDiffusion", "StableDiffusion3", "StableDiffusionXL", "backbone_for_pipeline", "family_of_pipeline",
 ]

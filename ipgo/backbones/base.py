@@ -308,10 +308,10 @@ class Backbone(nn.Module, ABC):
 
     def _check_family(self) -> None:
         """Refuse a model of another family than this backbone's, from its model_index.json."""
-        from ipgo.backbones import FAMILIES
+        from ipgo.backbones import family_of_pipeline
 
         found = self._pipeline_config.get("_class_name")
-        other = next((backbone for backbone in FAMILIES.values() if backbone.pipeline_class == found), None)
+        other = family_of_pipeline(found)
         if other is not None and other.family != self.family:
             raise UserError(
                 f"{self.model!r} is a {found} model, and {type(self).__name__} runs {self.pipeline_class} models: "
