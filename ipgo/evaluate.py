@@ -66,8 +66,9 @@ from ipgo.report import save_before_after
 from ipgo.rewards.combine import CombinedReward, RewardSpec, build_reward
 
 BEST_OF_N_SEEDS = 2**30
-GRID_PROMPTS = 16  # the grids show the first 16 prompts; every prompt is scored
 """Candidate seeds of best-of-N start here, far from training and evaluation seeds."""
+GRID_PROMPTS = 16
+"""The grids show the first 16 prompts (every prompt is scored); renders are scored this many prompts at a time."""
 
 
 def candidate_seeds(seed: int, n: int) -> list[int]:
@@ -252,8 +253,8 @@ def evaluate(
     renders = len(prompt_list) * len(seed_list) * (1 + len(token_files) + len(start) + max(n - 1, 0))
     with progress_bar(renders, "ipgo.evaluate") as progress:
         scores, images = {}, {}  # images: of the first GRID_PROMPTS prompts only, for the grids
-        methods = [("raw", first, False), *((name, tokens, True) for name, tokens in {**token_files, **start}.items())]
-        for name, tokens, tuned in methods:
+        renderings = [("raw", first, False), *((name, t, True) for name, t in {**token_files, **start}.items())]
+        for name, tokens, tuned in renderings:
             scores[name], images[name] = _render_and_score(pipe, tokens, tuned, reward, prompt_list, seed_list,
                                                            progress, batch_size)
         chosen: dict[tuple[int, int], int] = {}
