@@ -62,7 +62,7 @@ from ipgo.generate import (
     render,
     sampler_settings,
 )
-from ipgo.report import save_before_after
+from ipgo.report import as_uint8, save_before_after
 from ipgo.rewards.combine import CombinedReward, RewardSpec, build_reward
 
 BEST_OF_N_SEEDS = 2**30
@@ -386,13 +386,8 @@ def _render_and_score(pipe: Any, tokens: TokenFile, tuned: bool, reward: Combine
         images = render(pipe, tokens, chunk, seeds, tuned, progress, batch_size)
         parts.append(score(reward, images, chunk, batch_size))
         if first == 0:
-            kept = _as_uint8(images)
+            kept = as_uint8(images)
     return {name: torch.cat([part[name] for part in parts]) for name in reward.names}, kept
-
-
-def _as_uint8(images: Tensor) -> Tensor:
-    """Images in [0, 1] as 0-255, rounded as the PNG writer rounds them (so the grids do not change)."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _best_of_n(pipe: Any, tokens: TokenFile, reward: CombinedReward, prompts: list[str], seeds: list[int], n: int,
@@ -416,7 +411,7 @@ def _best_of_n(pipe: Any, tokens: TokenFile, reward: CombinedReward, prompts: li
             best = int(candidate_scores[selector][0].argmax())
             chosen[(i, j)] = candidates[best]
             if i < len(raw):
-                picked.append(raw[i, j] if best == 0 else _as_uint8(more[0, best - 1]))
+                picked.append(raw[i, j] if best == 0 else as_uint8(more[0, best - 1]))
             for name in reward.names:
                 row_scores[name][i, j] = candidate_scores[name][0, best]
         if picked:

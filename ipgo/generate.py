@@ -36,7 +36,7 @@ from ipgo.export import (
     remove_tokens,
 )
 from ipgo.files import atomic_path, check_output_folder, write_text
-from ipgo.report import progress_bar, save_before_after
+from ipgo.report import as_uint8, progress_bar, save_before_after
 from ipgo.sampling import make_scheduler
 
 MAX_SEED = 2**32
@@ -238,7 +238,7 @@ def save_renders(renders: Renders, out: Path, extra: dict[str, Any] | None = Non
         for i, prompt in enumerate(renders.prompts):
             for j, seed in enumerate(renders.seeds):
                 path = out / render_file(kind, i, seed)
-                array = (images[i, j].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+                array = as_uint8(images[i, j].permute(1, 2, 0)).numpy()
                 with atomic_path(path) as tmp:
                     Image.fromarray(array).save(tmp, format="PNG")
                 files.append({"kind": kind, "prompt": prompt, "seed": seed, "file": str(path.relative_to(out))})

@@ -28,13 +28,18 @@ def progress_bar(total: int, command: str, disable: bool = False) -> tqdm:
     return tqdm(total=total, desc=command, unit="image", dynamic_ncols=True, disable=disable)
 
 
+def as_uint8(images: Tensor) -> Tensor:
+    """Images in [0, 1] as 0-255, rounded as every PNG ipgo writes is (stored this way, a grid does not change)."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def save_before_after(before: Tensor, after: Tensor, path: Path, gap: int = 8) -> Path:
     """Save renders (P, S, 3, H, W) in [0, 1] as one PNG, atomically: a row per prompt with its S `before`
     images on the left and its S `after` images on the right, a white gap of `gap` pixels between them."""
     halves = [make_grid(x.flatten(0, 1).float().cpu(), nrow=x.shape[1], padding=2, pad_value=1.0)
               for x in (before, after)]
     grid = torch.cat([halves[0], torch.ones(3, halves[0].shape[1], gap), halves[1]], dim=2)
-    array = (grid.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    array = as_uint8(grid.permute(1, 2, 0)).numpy()
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
     return path
