@@ -243,11 +243,33 @@ def resumes_this_run(checkpoint: Path | None, run_dir: Path) -> bool:
     return checkpoint is not None and checkpoint.resolve().is_relative_to(run_dir.resolve())
 
 
+# what a resume must keep: the optimiser and schedule (the checkpoint's are restored), and the objective (another
+# reward, sampler, training seeds or dtype part-way through would train the tokens on two, while their file names one)
+RESUME_SETTINGS = ("optimizer", "lr_scheduler", "lr_interval", "reward", "rewards", "sampler", "seeds",
+                   "conformity_weight", "grad_clip", "too_long")
+
+
 def optimisation_settings(config: Any) -> str:
-    """The optimiser and learning-rate schedule a command gives (class and every argument), as JSON."""
-    chosen = {key: value.as_dict() if hasattr(value, "as_dict") else value
-              for key in ("optimizer", "lr_scheduler") for value in [config["model"].get(key)]}
+    """The settings a command gives that a resume must keep (`RESUME_SETTINGS`, the frozen weights' dtype; class and
+    every argument), as JSON. Held-out seeds may change: they are never optimised on."""
+    model = config["model"]
+    chosen = {key: _plain(model.get(key)) for key in RESUME_SETTINGS}
+    if isinstance(chosen["seeds"], dict):
+        chosen["seeds"].pop("eval", None)
+    backbone = _plain(model.get("backbone"))
+    if isinstance(backbone, dict):
+        chosen["backbone"] = {"class_path": backbone.get("class_path"),
+                              "init_args": {"dtype": backbone.get("init_args", {}).get("dtype")}}
     return json.dumps(chosen, sort_keys=True, default=str)
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain dicts and lists (jsonargparse gives Namespaces, also inside lists)."""
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def check_checkpoint(cli: IPGOCLI, path: Path) -> int:
@@ -277,9 +299,11 @@ def check_checkpoint(cli: IPGOCLI, path: Path) -> int:
         done += 1  # after the epoch's last step (at validation end, or by a step-count checkpoint): it is finished
     changed = settings and _changed_settings(json.loads(settings), json.loads(cli.model.optimisation_settings))
     if changed:
-        raise UserError(f"{path.name} was optimised with other settings ({changed}). Resuming restores the "
-                        "checkpoint's optimiser and learning-rate schedule, so these would be ignored: leave them as "
-                        "they were (the run's config.yaml), or start a new run")
+        raise UserError(f"{path.name} was optimised with other settings ({changed}). A resume goes on with the "
+                        "checkpoint's optimisation: its optimiser and learning-rate schedule are restored (new ones "
+                        "would be ignored), and another reward, sampler, training seeds or dtype would train the "
+                        "tokens on two objectives while their file names one. Leave these as they were (the run's "
+                        "config.yaml), or start a new run")
     return done
 
 

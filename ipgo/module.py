@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -347,6 +348,11 @@ class IPGOModule(L.LightningModule):
             raise ConfigError(f"prompt-wise: trainer.max_steps {trainer.max_steps} counts batches, so a run that ends "
                               "part-way through an epoch would step some prompts once more than others: set "
                               "trainer.max_epochs (the steps per prompt) and leave trainer.max_steps unset")
+        if any(isinstance(callback, Timer) and callback._interval == "step" for callback in trainer.callbacks):
+            raise ConfigError("prompt-wise: trainer.max_time (a Timer checked after every batch) would end the run "
+                              "part-way through an epoch, so some prompts would take one step fewer than others, "
+                              "and a resume would not step them again: set trainer.max_epochs (the steps per prompt), "
+                              "or a Timer callback with interval epoch")
         every_batch = isinstance(trainer.limit_train_batches, float) and trainer.limit_train_batches == 1.0
         if not trainer.fast_dev_run and (not every_batch or trainer.overfit_batches):
             raise ConfigError("prompt-wise: trainer.limit_train_batches or overfit_batches would leave some prompts "
@@ -451,6 +457,8 @@ class IPGOModule(L.LightningModule):
                 self.tokens.project_()
                 if schedule is not None:
                     schedule.step()
+        for param in params:  # done with these prompts: later batches' clipping and checks go over set grads only
+            param.grad = None
         self._predicted += index.tolist()
         return {"index": index}
 

@@ -377,6 +377,14 @@ def test_a_resume_that_would_not_go_on_exactly_is_refused(tmp_path, monkeypatch,
          "model.optimizer.init_args.lr 0.05 -> 0.5)"),
         (["--ckpt_path", "last", "--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr", "0.05"],
          "model.optimizer {'class_path': 'torch.optim.Adam'"),
+        # the objective: the tokens would be trained on two, their file naming one (held-out seeds may change)
+        (["--ckpt_path", "last", "--model.sampler.guidance_scale", "1.5", "--model.seeds.train", "[7]",
+          "--model.seeds.eval", "[1005]", "--model.conformity_weight", "10", "--model.backbone.init_args.dtype",
+          "bfloat16"], "last.ckpt was optimised with other settings (model.backbone.init_args.dtype float32 -> "
+         "bfloat16, model.conformity_weight 0.001 -> 10.0, model.sampler.guidance_scale 4.0 -> 1.5, "
+         "model.seeds.train [0] -> [7]). A resume goes on"),
+        (["--ckpt_path", "last", "--model.reward.init_args.model", "tiny:shapes-clip"],
+         "model.reward.init_args.model tiny:clip -> tiny:shapes-clip"),
     ]:
         err = bad_input([*args[len(QUICK):], *more], capsys)
         assert message in err, (more, err[-800:])
@@ -385,7 +393,7 @@ def test_a_resume_that_would_not_go_on_exactly_is_refused(tmp_path, monkeypatch,
     err = bad_input([*args[len(QUICK):], "--ckpt_path", "hpc"], capsys)
     assert "--ckpt_path hpc: there is no hpc_ckpt_N.ckpt in" in err
     epochs = count_training_epochs(monkeypatch)
-    main([*args, "--ckpt_path", "last"])
+    main([*args, "--ckpt_path", "last", "--model.seeds.eval", "[1005]"])
     assert epochs == [1, 1, 2, 2]
 
 
@@ -467,6 +475,7 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys):
         (["--trainer.gradient_clip_val", "1.0"], "use model.grad_clip, which clips each prompt's tokens alone"),
         (["--trainer.precision", "bf16-true"], "would make the learned tokens half precision too"),
         (["--trainer.max_steps", "3"], "trainer.max_steps 3 counts batches, so a run that ends part-way through"),
+        (["--trainer.max_time", "00:01:00:00"], "trainer.max_time (a Timer checked after every batch) would end"),
         (["--trainer.limit_train_batches", "0.5"], "would leave some prompts without steps"),
         (["--trainer.limit_train_batches", "1"], "would leave some prompts without steps"),  # one batch, not all
         (["--optimizer", "torch.optim.SGD"], "unrecognized arguments: --optimizer"),  # one way: model.optimizer

@@ -399,3 +399,22 @@ def test_input_checked_before_the_trainer_is_not_checked_again(tiny_sd_dir, tiny
     monkeypatch.setattr("ipgo.module.check_prompt_lengths", lambda *args: pytest.fail("checked again"))
     module.prepare(PROMPTS)
     assert module.tokens is not None
+
+
+def test_the_multi_process_path_steps_each_batch_alone(tiny_sd_dir, tiny_clip_dir, tmp_path, monkeypatch):
+    """`trainer.predict` (the multi-process prompt-wise path, here on one process) optimises a batch of prompts from
+    its first step to its last; gradients of earlier batches are gone, not clipped and checked again with each later
+    step, and each prompt still takes every step."""
+    module = make_module(tiny_sd_dir, tiny_clip_dir)
+    with_gradients = []
+
+    def check(step):
+        with_gradients.append([i for i, s in enumerate(module.tokens.sets)
+                               if any(p.grad is not None for p in s.parameters())])
+
+    monkeypatch.setattr(module, "_check_finite_gradients", check)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.predict(module, datamodule=PromptDataModule(prompt_file(tmp_path), batch_size=1), return_predictions=False)
+    assert with_gradients == [[0], [0], [1], [1], [2], [2]]
+    assert (tmp_path / "tokens.safetensors").is_file()
