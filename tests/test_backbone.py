@@ -79,19 +79,51 @@ def test_the_prompt_cache_holds_fewer_wide_states(tiny_backbone, monkeypatch):
     assert len(tiny_backbone._cache) == 100
 
 
-def test_guidance_distilled_unets_are_refused(tiny_sd_dir, tmp_path):
-    """LCM-style UNets need a guidance embedding and no classifier-free guidance: the sampler would run them wrong."""
+def copied_model(source, folder, edit=None, remove=None):
+    """A copy of a model folder with `edit` {file: {key: value}} merged into its JSON files and `remove` deleted."""
     import json
     import shutil
 
-    folder = tmp_path / "lcm"
-    shutil.copytree(tiny_sd_dir, folder)
-    config_path = folder / "unet/config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "time_cond_proj_dim": 8}))
-    backbone = StableDiffusion(str(folder))
-    with pytest.raises(UserError, match="guidance-distilled UNet .* use the base model"):
+    shutil.copytree(source, folder)
+    for name, values in (edit or {}).items():
+        path = folder / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+    if remove:
+        shutil.rmtree(folder / remove)
+    return folder
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"time_cond_proj_dim": 8}, "guidance-distilled UNet .* use the base model"),  # LCM: no classifier-free guidance
+    ({"in_channels": 9}, "takes 9 channels and returns 4: an inpainting or image-editing model"),
+])
+def test_unets_the_sampler_cannot_run_are_refused_from_their_config(tiny_sd_dir, tmp_path, edit, message):
+    backbone = StableDiffusion(str(copied_model(tiny_sd_dir, tmp_path / "model", {"unet/config.json": edit})))
+    with pytest.raises(UserError, match=message):
         backbone.load()
     assert backbone.text_encoder is None and backbone.unet is None  # refused from its config: no weights loaded
+
+
+@pytest.mark.parametrize("remove, edit, message", [
+    ("vae", {}, "could not load the VAE of the local folder .*: its files are missing or incomplete"),
+    ("tokenizer", {}, "could not load the tokenizer of the local folder .*: its files are missing or incomplete"),
+    (None, {"model_index.json": {"text_encoder": [None, None]}}, "has no text_encoder .* use the base model"),
+])
+def test_an_incomplete_model_folder_is_named_as_such(tiny_sd_dir, tmp_path, remove, edit, message):
+    """Not the hub's advice (it is a local folder), nor a tokenizer backend's complaint."""
+    backbone = StableDiffusion(str(copied_model(tiny_sd_dir, tmp_path / "model", edit, remove)))
+    with pytest.raises(UserError, match=message) as error:
+        backbone.load()
+    assert "Hub" not in str(error.value)
+
+
+def test_sd3_refuses_a_t5_length_its_pipeline_refuses(ipgo_cache):
+    from ipgo.backbones import StableDiffusion3
+    from ipgo.errors import ConfigError
+
+    for length in (0, 513):
+        with pytest.raises(ConfigError, match=f"max_sequence_length must be between 1 and 512 .* got {length}"):
+            StableDiffusion3("tiny:sd3", max_sequence_length=length)
 
 
 def test_renders_are_decoded_one_image_at_a_time(tiny_backbone):

@@ -106,13 +106,19 @@ def check_model_source(model: str, marker: str = "model_index.json") -> None:
 
 def load_error(model: str, what: str, error: Exception) -> ModelNotFoundError:
     """A readable error for a failed `from_pretrained` of `what` from `model`."""
+    original = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if looks_like_path(os.path.expanduser(model)):
+        return ModelNotFoundError(
+            f"could not load the {what} of the local folder {model!r}: its files are missing or incomplete. Compare "
+            "it with a folder that `pipeline.save_pretrained(...)` writes (model_index.json and a subfolder per part), "
+            f"or download the model again. Original error: {original}"
+        )
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     return ModelNotFoundError(
         f"could not load the {what} of {model!r}: it is not a local folder and was not found in the "
         f"Hugging Face cache{' (HF_HUB_OFFLINE is set)' if offline else ' or on the Hub'}. Download it "
         "on a machine with internet (`hf download "
-        f"{model}`) or pass a local folder written by `save_pretrained`. Original error: "
-        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        f"{model}`) or pass a local folder written by `save_pretrained`. Original error: {original}"
     )
 
 
@@ -270,7 +276,10 @@ class Backbone(nn.Module, ABC):
     def _load_tokenizer(self, subfolder: str) -> Any:
         from transformers import AutoTokenizer
 
-        tokenizer = self._from_pretrained(AutoTokenizer, subfolder, subfolder)
+        try:
+            tokenizer = self._from_pretrained(AutoTokenizer, subfolder, subfolder)
+        except ValueError as error:  # transformers' answer to a subfolder without tokenizer files
+            raise load_error(self.model, subfolder, error) from error
         if len(tokenizer) <= 3:  # transformers 5 builds a 2-token tokenizer when no files are found
             raise load_error(self.model, subfolder, OSError("no tokenizer files were found"))
         return tokenizer
@@ -293,6 +302,12 @@ class Backbone(nn.Module, ABC):
                 "its pipeline samples without classifier-free guidance and with a guidance embedding that ipgo's "
                 "sampler does not give: use the base model it was distilled from"
             )
+        if config.get("in_channels") != config.get("out_channels"):
+            raise UserError(
+                f"{self.model!r} has a UNet that takes {config.get('in_channels')} channels and returns "
+                f"{config.get('out_channels')}: an inpainting or image-editing model (its pipeline adds a mask or an "
+                "image to the latents). ipgo samples from noise alone: use the text-to-image model it was made from"
+            )
 
     def _load_configs(self) -> None:
         from diffusers import DDIMScheduler, DiffusionPipeline
@@ -311,6 +326,11 @@ class Backbone(nn.Module, ABC):
         from ipgo.backbones import family_of_pipeline
 
         found = self._pipeline_config.get("_class_name")
+        if self._pipeline_config.get("text_encoder", [None])[-1] is None:
+            raise UserError(
+                f"{self.model!r} has no text_encoder (its model_index.json names none, as an SDXL refiner's does): "
+                "ipgo's tokens condition the first text encoder's states too: use the base model"
+            )
         other = family_of_pipeline(found)
         if other is not None and other.family != self.family:
             raise UserError(

@@ -51,6 +51,9 @@ class StableDiffusion3(Backbone):
         gradient_checkpointing: bool = False,
         max_sequence_length: int = 256,
     ) -> None:
+        if not 1 <= max_sequence_length <= 512:  # the pipeline's own bound (T5's 512 positions)
+            raise ConfigError(f"max_sequence_length must be between 1 and 512 (the T5 prompt length SD 3 pipelines "
+                              f"accept), got {max_sequence_length}")
         super().__init__(model, dtype, revision, variant, gradient_checkpointing)
         self.max_sequence_length = max_sequence_length
 
