@@ -104,6 +104,15 @@ class TokenFile:
                 f"size {hidden_size}{f' ({model!r})' if model else ''}. Use a token file trained for "
                 "this model family and text encoder."
             )
+        trained, here = json.loads(self.extra.get("text_encoders", "null")), backbone.text_encoders()
+        if trained is not None and set(trained) != set(here):  # files before the sixteenth session: not checked
+            missing, extra = sorted(set(trained) - set(here)), sorted(set(here) - set(trained))
+            raise TokenFileError(
+                f"these tokens were learnt with the text encoders {_and(trained)}, and this pipeline has "
+                f"{_and(here)}: in place of a missing encoder's states the pipeline conditions on zeros, which the "
+                "tokens were not learnt with. Load the pipeline with the same encoders ("
+                + (f"do not pass {missing[0]}=None" if missing else f"pass {extra[0]}=None") + " to from_pretrained)"
+            )
         # files before the fourteenth session kept a sample of two layers ("weights_signature"), not checked now
         recorded = json.loads(self.extra.get("weights_fingerprint", "{}"))
         current = backbone.weights_fingerprint() if recorded else {}

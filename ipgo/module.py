@@ -800,6 +800,7 @@ class IPGOModule(L.LightningModule):
             "tokens": json.dumps(asdict(self.token_config)),
             "select": self.select if self.prompt_wise else "last",
             "weights_fingerprint": json.dumps(self.backbone.weights_fingerprint()),  # see TokenFile.check_fits
+            "text_encoders": json.dumps(self.backbone.text_encoders()),  # likewise
             "ipgo_version": __version__,
         }
 

@@ -284,6 +284,32 @@ def test_token_files_of_earlier_versions_keep_their_prompts_in_the_metadata(tmp_
     assert load_tokens(path).prompts == load_tokens(tmp_path / "old.safetensors").prompts == tokens.prompts
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_unpadded_tokens_cut_a_negative_prompt_as_the_pipeline_does(ipgo_cache, monkeypatch, family):
+    """With the unpadded layout the conditioning is n_p + L + n_s states long: a longer negative prompt is cut to
+    that many tokens with its end token kept (and SDXL's pooled embedding from the cut one), as the pipeline does
+    for prompt_embeds of that length; with a warning that names the negative prompt."""
+    from diffusers import DiffusionPipeline
+
+    from ipgo.testing import resolve_source
+
+    monkeypatch.setenv("IPGO_CACHE", str(ipgo_cache))
+    pipe = DiffusionPipeline.from_pretrained(resolve_source(f"tiny:{family}"))
+    width = pipe.text_encoder.config.hidden_size + (pipe.text_encoder_2.config.hidden_size if family == "sdxl" else 0)
+    tokens = TokenFile(torch.randn(1, width), torch.randn(1, width), family="sd" if family == "sd1" else family,
+                       base_model=f"tiny:{family}", hidden_size=width, layout="unpadded")
+    negative = "blurry dark grainy washed out overexposed picture"  # 12 tokens with BOS and EOS; "a cat" leaves 6
+    with pytest.warns(UserWarning, match=r"negative prompt 1 \('blurry.*'\) has 12 tokens, more than the 6 positions"):
+        ours = ipgo.token_embeds(pipe, tokens, "a cat", negative_prompt=negative)
+    assert ours["prompt_embeds"].shape[1] == 6
+    pooled = {"pooled_prompt_embeds": ours["pooled_prompt_embeds"]} if family == "sdxl" else {}
+    theirs = pipe.encode_prompt("a cat", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+                                negative_prompt=negative, prompt_embeds=ours["prompt_embeds"], **pooled)
+    torch.testing.assert_close(ours["negative_prompt_embeds"], theirs[1], rtol=0, atol=1e-6)
+    if family == "sdxl":
+        torch.testing.assert_close(ours["negative_pooled_prompt_embeds"], theirs[3], rtol=0, atol=1e-6)
+
+
 def test_applied_tokens_refuse_a_second_prompt_they_would_ignore(ipgo_cache, monkeypatch):
     from diffusers import StableDiffusionXLPipeline
 

@@ -1,5 +1,7 @@
 """Every model family through the same protocol: fit, export, and the family's own diffusers pipeline."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -191,6 +193,7 @@ def test_sd3_tokens_carry_their_t5_length_into_the_pipeline(t5_length, ipgo_cach
     )
     module.prepare(PROMPTS)
     path = save_tokens(tmp_path / "tokens.safetensors", module.token_file())
+    assert load_tokens(path).extra["text_encoders"] == '["text_encoder", "text_encoder_2"]'  # the tiny SD 3: no T5
     pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_path(ipgo_cache)), local_files_only=True,
                                                     text_encoder_3=None, tokenizer_3=None)
     embeds = ipgo.token_embeds(pipe, path, PROMPTS)
@@ -213,6 +216,24 @@ def test_sd3_tokens_carry_their_t5_length_into_the_pipeline(t5_length, ipgo_cach
                     num_inference_steps=settings["num_steps"], guidance_scale=settings["guidance_scale"],
                     max_sequence_length=t5_length, output_type="pt").images
     assert torch.equal(raw, expected.float())
+
+
+def test_sd3_tokens_learnt_with_t5_are_refused_by_a_pipeline_without_it(ipgo_cache, tmp_path):
+    """A pipeline loaded with text_encoder_3=None (as diffusers suggests, to save memory) conditions on zeros in place
+    of T5's states; tokens learnt with T5 would silently meet another conditioning. (The tiny SD 3 has no T5: the
+    token file records one.)"""
+    import json
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_path(ipgo_cache)), local_files_only=True,
+                                                    text_encoder_3=None, tokenizer_3=None)
+    fits = TokenFile(torch.zeros(2, 64), torch.zeros(2, 64), family="sd3", base_model="tiny:sd3", hidden_size=64,
+                     extra={"text_encoders": json.dumps(["text_encoder", "text_encoder_2"])})
+    assert ipgo.token_embeds(pipe, fits, "a cat")["prompt_embeds"].shape == (1, 77 + 256, 64)
+    with_t5 = replace(fits, extra={"text_encoders": json.dumps(["text_encoder", "text_encoder_2", "text_encoder_3"])})
+    with pytest.raises(TokenFileError, match=r"learnt with the text encoders text_encoder, text_encoder_2 and "
+                                             r"text_encoder_3, and this pipeline has text_encoder and text_encoder_2: "
+                                             r".* \(do not pass text_encoder_3=None to from_pretrained\)"):
+        ipgo.apply_tokens(pipe, save_tokens(tmp_path / "t5.safetensors", with_t5))
 
 
 def test_sd3_with_dynamic_shifting_samples_as_its_pipeline(ipgo_cache, tiny_clip_dir, tmp_path):

@@ -135,14 +135,21 @@ class PromptTooLongError(UserError, ValueError):
 
 
 def check_prompt_lengths(
-    prompts: Sequence[str], lengths: Sequence[int], budget: int, reserved: int, too_long: TooLong
+    prompts: Sequence[str], lengths: Sequence[int], budget: int, reserved: int, too_long: TooLong,
+    negative: bool = False,
 ) -> None:
-    """Apply the too-long policy: raise on the first prompt over budget, or warn and let it be cut."""
+    """Apply the too-long policy: raise on the first prompt over budget, or warn and let it be cut. Negative prompts
+    (`negative`) are cut to the conditioning's length as diffusers pipelines cut them, with a warning."""
     over = [(i, p, n) for i, (p, n) in enumerate(zip(prompts, lengths)) if n > budget]
     if not over:
         return
     i, prompt, n = over[0]
     shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    if negative:
+        warnings.warn(f"negative prompt {i + 1} ({shown!r}) has {n} tokens, more than the {budget} positions of the "
+                      f"conditioning: truncating it to {budget} tokens (its end token kept), as the pipeline does",
+                      stacklevel=4)
+        return
     distinct = len({p for _, p, _ in over})
     what = (
         f"prompt {i + 1} ({shown!r}) has {n} tokens but only {budget} fit beside the {reserved} learned tokens"
@@ -360,6 +367,11 @@ class Backbone(nn.Module, ABC):
             raise RuntimeError(f"{type(self).__name__}({self.model!r}) is not loaded yet: call .load() first")
         return part
 
+    def text_encoders(self) -> list[str]:
+        """The text encoders this model has (SD 3 may be loaded without T5: zeros take the place of its states)."""
+        return [part for part in self.pipeline_parts
+                if part.startswith("text_encoder") and getattr(self, part, None) is not None]
+
     def weights_fingerprint(self) -> dict[str, dict[str, list[float]]]:
         """Four values of every linear layer the learned tokens meet, per part (`text_encoder`, `text_encoder_2`,
         ..., `denoiser`) and layer (a short hash of its name): each text encoder up to the layers its states and
@@ -417,8 +429,10 @@ class Backbone(nn.Module, ABC):
         finally:
             transformers_logging.set_verbosity(verbosity)
 
-    def encode(self, prompts: Sequence[str], reserved: int = 0, too_long: TooLong = "error") -> PromptEmbeds:
-        """Encode prompts (each once, then cached), leaving `reserved` positions for learned tokens."""
+    def encode(self, prompts: Sequence[str], reserved: int = 0, too_long: TooLong = "error",
+               negative: bool = False) -> PromptEmbeds:
+        """Encode prompts (each once, then cached), leaving `reserved` positions for learned tokens (`negative`:
+        negative prompts, cut to `max_length - reserved` tokens with a warning)."""
         budget = self.max_length - reserved
         length = self.sequence_length  # SD 3's T5 length can be set after loading
 
@@ -430,7 +444,7 @@ class Backbone(nn.Module, ABC):
                     for i, full in enumerate(self.token_lengths(missing))]
 
         rows = cached(self._cache, [(p, budget, length) for p in prompts], encode_missing, limit=self._cache_entries())
-        check_prompt_lengths(prompts, [row[2] for row in rows], budget, reserved, too_long)
+        check_prompt_lengths(prompts, [row[2] for row in rows], budget, reserved, too_long, negative)
         device, pooled_rows = self._device(), [row[3] for row in rows]
         return PromptEmbeds(
             torch.stack([row[0] for row in rows]).to(device),

@@ -58,7 +58,8 @@ class StableDiffusion(Backbone):
     def negative(self, batch: int, total: int, prompts: Sequence[str] | None = None) -> Conditioning:
         if prompts is None:
             return Conditioning(self.encode([""]).hidden[:, :total].expand(batch, -1, -1))
-        return Conditioning(self.encode(prompts, too_long="truncate").hidden[:, :total])
+        # cut to `total` tokens, end token kept, as the pipeline tokenises negatives for shorter prompt_embeds
+        return Conditioning(self.encode(prompts, self.max_length - total, negative=True).hidden[:, :total])
 
     def denoise(self, latents: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         unet = self._loaded(self.unet)

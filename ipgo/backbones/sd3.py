@@ -106,7 +106,7 @@ class StableDiffusion3(Backbone):
         return self.text_encoder_3(ids.to(device))[0].to(device=device, dtype=dtype)
 
     def negative(self, batch: int, total: int, prompts: Sequence[str] | None = None) -> Conditioning:
-        embeds = self.encode(prompts if prompts is not None else [""] * batch, too_long="truncate")
+        embeds = self.encode(prompts if prompts is not None else [""] * batch, negative=True)  # padded: all of them
         return Conditioning(embeds.hidden[:, :total], embeds.pooled)
 
     def denoise(self, latents: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:

@@ -87,7 +87,8 @@ class StableDiffusionXL(Backbone):
                 return Conditioning(torch.zeros_like(empty.hidden[:, :total]).expand(batch, -1, -1),
                                     torch.zeros_like(empty.pooled).expand(batch, -1))
             return Conditioning(empty.hidden[:, :total].expand(batch, -1, -1), empty.pooled.expand(batch, -1))
-        embeds = self.encode(prompts, too_long="truncate")
+        # cut to `total` tokens, end token kept, as the pipeline tokenises negatives for shorter prompt_embeds
+        embeds = self.encode(prompts, self.max_length - total, negative=True)
         return Conditioning(embeds.hidden[:, :total], embeds.pooled)
 
     def denoise(self, latents: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
