@@ -1,9 +1,9 @@
 """Prompt files and the PromptDataModule.
 
 Prompt files: `.txt` (one prompt per line, blank lines skipped), `.csv` and `.jsonl` (one
-prompt per row, read from `column`; "prompt" when not given), UTF-8 with or without a byte-order
-mark. A prompt may appear once: a repeat would be optimised twice, or count twice, or fall on
-both sides of a validation split.
+prompt per row, read from `column`; "prompt" when not given; an empty cell is skipped with a
+warning), UTF-8 with or without a byte-order mark. A prompt may appear once: a repeat would be
+optimised twice, or count twice, or fall on both sides of a validation split.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,36 +42,40 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
         if column is not None:
             raise PromptFileError(f"{path.name} is a .txt file (one prompt per line), which has no columns: leave the "
                                   "column unset")
-        prompts = [line.strip() for line in _lines(path)]
+        found = [(f"line {number}", line.strip()) for number, line in enumerate(_lines(path), 1)]
     elif suffix in (".csv", ".jsonl"):
         rows = _rows(path, suffix)
         key = column or "prompt"
-        if rows and key not in rows[0]:
+        if rows and key not in rows[0][1]:
             raise PromptFileError(
-                f"{path.name} has no column {key!r}; its columns are {sorted(rows[0])}. "
+                f"{path.name} has no column {key!r}; its columns are {sorted(rows[0][1])}. "
                 f"Choose one ({COLUMN_FLAGS})"
             )
-        if suffix == ".jsonl":
-            missing = next((number for number, row in enumerate(rows, 1) if row.get(key) is None), None)
-            if missing is not None:
-                raise PromptFileError(f"{path.name} row {missing} has no {key!r}: give every row one")
-        prompts = [str(row.get(key) or "").strip() for row in rows]
+        missing = next((where for where, row in rows if row.get(key) is None), None)
+        if suffix == ".jsonl" and missing is not None:
+            raise PromptFileError(f"{path.name} {missing} has no {key!r}: give every row one")
+        found = [(where, str(row.get(key) or "").strip()) for where, row in rows]
+        empty = [where for where, prompt in found if not prompt]
+        if empty:
+            shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
+            warnings.warn(f"{path.name}: {len(empty)} {'rows have' if len(empty) > 1 else 'row has'} an empty {key!r} "
+                          f"({shown}), skipped", UserWarning, stacklevel=2)
     else:
         raise PromptFileError(f"unsupported prompt file type {path.suffix!r}: use .txt, .csv or .jsonl")
-    prompts = [p for p in prompts if p]
-    if not prompts:
+    found = [(where, prompt) for where, prompt in found if prompt]
+    if not found:
         raise PromptFileError(f"prompt file {str(path)!r} has no prompts: add one prompt per line (or row)")
-    seen: dict[str, int] = {}
-    for number, prompt in enumerate(prompts, 1):
+    seen: dict[str, tuple[str, str]] = {}
+    for where, prompt in found:
         earlier = seen.get(prompt_key(prompt))
         if earlier is not None:
-            differs = "" if prompts[earlier - 1] == prompt else f" but for case or spacing ({prompts[earlier - 1]!r})"
+            differs = "" if earlier[1] == prompt else f" but for case or spacing ({earlier[1]!r})"
             raise PromptFileError(
-                f"{path.name}: prompt {number} ({prompt!r}) repeats prompt {earlier}{differs}; a prompt may appear "
+                f"{path.name}: {where} ({prompt!r}) repeats {earlier[0]}{differs}; a prompt may appear "
                 "once (a repeat would be optimised twice, or fall on both sides of a validation split): remove it"
             )
-        seen[prompt_key(prompt)] = number
-    return prompts
+        seen[prompt_key(prompt)] = (where, prompt)
+    return [prompt for _, prompt in found]
 
 
 def prompt_key(prompt: str) -> str:
@@ -91,11 +96,12 @@ def _not_utf8(path: Path, error: UnicodeDecodeError) -> PromptFileError:
                            f"which is not UTF-8 there): save it as UTF-8")
 
 
-def _rows(path: Path, suffix: str) -> list[dict[str, Any]]:
+def _rows(path: Path, suffix: str) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of a .csv (where: "row N", N from 1 after the header) or .jsonl file ("line N")."""
     if suffix == ".csv":
         with path.open(encoding="utf-8-sig", newline="") as handle:  # newline="": quoted fields may span lines
             try:
-                return list(csv.DictReader(handle))
+                return [(f"row {number}", row) for number, row in enumerate(csv.DictReader(handle), 1)]
             except UnicodeDecodeError as error:
                 raise _not_utf8(path, error) from None
     rows = []
@@ -107,7 +113,7 @@ def _rows(path: Path, suffix: str) -> list[dict[str, Any]]:
                 raise PromptFileError(f"{path.name} line {number} is not valid JSON: {error.msg}") from None
             if not isinstance(row, dict):
                 raise PromptFileError(f'{path.name} line {number} is not a JSON object: write {{"prompt": "..."}}')
-            rows.append(row)
+            rows.append((f"line {number}", row))
     return rows
 
 

@@ -20,16 +20,27 @@ def test_prompt_sources(tmp_path):
     assert read_prompts(tmp_path / "bom.txt") == ["a cat", "a dog\u2028at night"]  # only newlines split prompts
 
 
+def test_empty_cells_are_skipped_with_a_warning(tmp_path):
+    """Blank lines of a .txt file are layout; an empty cell of a table is a row without a prompt: said, by row."""
+    (tmp_path / "p.csv").write_text('id,prompt\n1,a cat\n2,\n3,a dog\n4,"  "\n')
+    with pytest.warns(UserWarning, match=re.escape("p.csv: 2 rows have an empty 'prompt' (row 2, row 4), skipped")):
+        assert read_prompts(tmp_path / "p.csv") == ["a cat", "a dog"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": ""}\n')
+    with pytest.warns(UserWarning, match=re.escape("p.jsonl: 1 row has an empty 'prompt' (line 2), skipped")):
+        assert read_prompts(tmp_path / "p.jsonl") == ["a cat"]
+
+
 @pytest.mark.parametrize(("name", "text", "column", "message"), [
     ("p.csv", "id,caption\n1,a\n", "text", "no column 'text'; its columns are ['caption', 'id']"),
     ("p.jsonl", '{"prompt": "a"}\n{oops\n', None, "line 2 is not valid JSON"),
     ("p.txt", "a cat\n", "prompt", "which has no columns: leave the column unset"),
     ("p.json", "[]", None, "use .txt, .csv or .jsonl"),
     ("p.txt", " \n\n", None, "has no prompts"),
-    ("p.txt", "a cat\na dog\na cat\n", None, "prompt 3 ('a cat') repeats prompt 1;"),
+    ("p.txt", "a cat\n\na dog\na cat\n", None, "p.txt: line 4 ('a cat') repeats line 1;"),  # the file's lines
     ("p.txt", "a photo of a cat\nA photo of a  cat\n", None,
-     "prompt 2 ('A photo of a  cat') repeats prompt 1 but for case or spacing ('a photo of a cat')"),
-    ("p.jsonl", '{"prompt": "a"}\n{"text": "b"}\n', None, "row 2 has no 'prompt'"),
+     "line 2 ('A photo of a  cat') repeats line 1 but for case or spacing ('a photo of a cat')"),
+    ("p.csv", "prompt\na cat\n\"\"\na cat\n", None, "p.csv: row 3 ('a cat') repeats row 1;"),
+    ("p.jsonl", '{"prompt": "a"}\n\n{"text": "b"}\n', None, "line 3 has no 'prompt'"),
     ("p.jsonl", '"a cat"\n', None, "line 1 is not a JSON object"),
 ])
 def test_bad_prompt_files(tmp_path, name, text, column, message):

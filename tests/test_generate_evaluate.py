@@ -294,7 +294,7 @@ def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tm
     twice = tmp_path / "twice.txt"
     twice.write_text("a red circle\na blue square\na red circle\n")
     cases = [
-        (dict(methods=[f"ipgo={run_dir}"], prompts=str(twice)), "prompt 3 .* repeats prompt 1"),
+        (dict(methods=[f"ipgo={run_dir}"], prompts=str(twice)), "line 3 .* repeats line 1"),
         (dict(methods=[f"ipgo={run_dir}", f"other={other}"]), "different sampler settings"),
         (dict(methods=[f"ipgo={run_dir}", f"other={revised}"]), "made for different models"),
         (dict(methods=[f"ipgo={run_dir}"], bootstrap=0), "at least 1 resample"),
