@@ -245,21 +245,23 @@ def resumes_this_run(checkpoint: Path | None, run_dir: Path) -> bool:
 
 # what a resume must keep: the optimiser and schedule (the checkpoint's are restored), and the objective (another
 # reward, sampler, training seeds or dtype part-way through would train the tokens on two, while their file names one)
-RESUME_SETTINGS = ("optimizer", "lr_scheduler", "lr_interval", "reward", "rewards", "sampler", "seeds",
-                   "conformity_weight", "grad_clip", "too_long")
+RESUME_SETTINGS = ("optimizer", "lr_scheduler", "lr_interval", "reward", "rewards", "sampler", "seeds", "tokens",
+                   "conformity_weight", "grad_clip")
 
 
 def optimisation_settings(config: Any) -> str:
-    """The settings a command gives that a resume must keep (`RESUME_SETTINGS`, the frozen weights' dtype; class and
-    every argument), as JSON. Held-out seeds may change: they are never optimised on."""
+    """The settings a command gives that a resume must keep (`RESUME_SETTINGS`; of the frozen weights, what changes
+    their outputs: dtype, variant, SD 3's T5 length; class and every argument), as JSON. Held-out seeds may change:
+    they are never optimised on."""
     model = config["model"]
     chosen = {key: _plain(model.get(key)) for key in RESUME_SETTINGS}
     if isinstance(chosen["seeds"], dict):
         chosen["seeds"].pop("eval", None)
     backbone = _plain(model.get("backbone"))
     if isinstance(backbone, dict):
-        chosen["backbone"] = {"class_path": backbone.get("class_path"),
-                              "init_args": {"dtype": backbone.get("init_args", {}).get("dtype")}}
+        arguments = backbone.get("init_args") or {}
+        chosen["backbone"] = {"class_path": backbone.get("class_path"), "init_args": {
+            key: arguments[key] for key in ("dtype", "variant", "max_sequence_length") if key in arguments}}
     return json.dumps(chosen, sort_keys=True, default=str)
 
 
@@ -301,23 +303,27 @@ def check_checkpoint(cli: IPGOCLI, path: Path) -> int:
     if changed:
         raise UserError(f"{path.name} was optimised with other settings ({changed}). A resume goes on with the "
                         "checkpoint's optimisation: its optimiser and learning-rate schedule are restored (new ones "
-                        "would be ignored), and another reward, sampler, training seeds or dtype would train the "
-                        "tokens on two objectives while their file names one. Leave these as they were (the run's "
-                        "config.yaml), or start a new run")
+                        "would be ignored), and another reward, sampler, training seeds, token constraint or frozen "
+                        "weights' dtype would train the tokens on two objectives while their file names one. Leave "
+                        "these as they were (the run's config.yaml), or start a new run")
     return done
 
 
-def _changed_settings(saved: dict[str, Any], given: dict[str, Any], prefix: str = "model.") -> str:
+def _changed_settings(saved: dict[str, Any], given: dict[str, Any], prefix: str = "model") -> str:
     """`key saved -> given` for each setting both name with different values, e.g.
-    `model.optimizer.init_args.lr 0.05 -> 0.5` (an argument only one side has, e.g. one a newer torch added, is
-    not a change)."""
+    `model.optimizer.init_args.lr 0.05 -> 0.5` or `model.rewards[1].weight 1.0 -> 0.5` (an argument only one side
+    has, e.g. one a newer torch added, is not a change)."""
     changes = []
     for key in sorted(set(saved) & set(given)):
         old, new = saved[key], given[key]
+        name = f"{prefix}{key}" if key.startswith("[") else f"{prefix}.{key}"
+        if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and \
+                all(isinstance(item, dict) for item in old + new):  # a list of settings: compared item by item
+            old, new = ({f"[{i}]": item for i, item in enumerate(items)} for items in (old, new))
         if isinstance(old, dict) and isinstance(new, dict) and old.get("class_path", 0) == new.get("class_path", 0):
-            changes.append(_changed_settings(old, new, f"{prefix}{key}."))
+            changes.append(_changed_settings(old, new, name))
         elif old != new:
-            changes.append(f"{prefix}{key} {old} -> {new}")
+            changes.append(f"{name} {old} -> {new}")
     return ", ".join(change for change in changes if change)
 
 

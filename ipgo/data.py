@@ -47,8 +47,8 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
         rows = _rows(path, suffix)
         key = column or "prompt"
         if rows and key not in rows[0][1]:
-            raise PromptFileError(
-                f"{path.name} has no column {key!r}; its columns are {sorted(rows[0][1])}. "
+            raise PromptFileError(  # (a row with more fields than the header has them under None)
+                f"{path.name} has no column {key!r}; its columns are {sorted(k for k in rows[0][1] if k is not None)}. "
                 f"Choose one ({COLUMN_FLAGS})"
             )
         missing = next((where for where, row in rows if row.get(key) is None), None)
@@ -97,11 +97,13 @@ def _not_utf8(path: Path, error: UnicodeDecodeError) -> PromptFileError:
 
 
 def _rows(path: Path, suffix: str) -> list[tuple[str, dict[str, Any]]]:
-    """The rows of a .csv (where: "row N", N from 1 after the header) or .jsonl file ("line N")."""
+    """The rows of a .csv or .jsonl file, each with where it is in the file ("line N"; a .csv row whose quoted field
+    spans lines: its last line)."""
     if suffix == ".csv":
         with path.open(encoding="utf-8-sig", newline="") as handle:  # newline="": quoted fields may span lines
+            reader = csv.DictReader(handle)
             try:
-                return [(f"row {number}", row) for number, row in enumerate(csv.DictReader(handle), 1)]
+                return [(f"line {reader.line_num}", row) for row in reader]
             except UnicodeDecodeError as error:
                 raise _not_utf8(path, error) from None
     rows = []

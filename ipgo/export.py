@@ -111,7 +111,8 @@ class TokenFile:
                 f"these tokens were learnt with the text encoders {_and(trained)}, and this pipeline has "
                 f"{_and(here)}: in place of a missing encoder's states the pipeline conditions on zeros, which the "
                 "tokens were not learnt with. Load the pipeline with the same encoders ("
-                + (f"do not pass {missing[0]}=None" if missing else f"pass {extra[0]}=None") + " to from_pretrained)"
+                + (f"do not pass {missing[0]}=None to from_pretrained; or the model lacks it: use the one the tokens "
+                   "were learnt on" if missing else f"pass {extra[0]}=None to from_pretrained") + ")"
             )
         # files before the fourteenth session kept a sample of two layers ("weights_signature"), not checked now
         recorded = json.loads(self.extra.get("weights_fingerprint", "{}"))

@@ -409,3 +409,16 @@ def tiny_image_reward_path(root: str | os.PathLike | None = None) -> Path:
 
 
 TINY_SOURCES["tiny:image-reward"] = tiny_image_reward_path
+
+
+def edited_copy(source: str | Path, folder: str | Path, edits: dict[str, dict] | None = None,
+                remove: str | None = None) -> Path:
+    """A copy of a model folder with `edits` ({file: {key: value}}) merged into its JSON files and the subfolder
+    `remove` deleted: a model of another make, for tests."""
+    folder = Path(shutil.copytree(source, folder))
+    for name, values in (edits or {}).items():
+        path = folder / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+    if remove:
+        shutil.rmtree(folder / remove)
+    return folder

@@ -3,6 +3,7 @@ import torch
 
 from ipgo.backbones import ModelNotFoundError, PromptTooLongError, StableDiffusion
 from ipgo.errors import UserError
+from ipgo.testing import edited_copy
 
 LONG = "a cat " + "very " * 70  # 74 tokens with BOS and EOS
 
@@ -79,26 +80,12 @@ def test_the_prompt_cache_holds_fewer_wide_states(tiny_backbone, monkeypatch):
     assert len(tiny_backbone._cache) == 100
 
 
-def copied_model(source, folder, edit=None, remove=None):
-    """A copy of a model folder with `edit` {file: {key: value}} merged into its JSON files and `remove` deleted."""
-    import json
-    import shutil
-
-    shutil.copytree(source, folder)
-    for name, values in (edit or {}).items():
-        path = folder / name
-        path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
-    if remove:
-        shutil.rmtree(folder / remove)
-    return folder
-
-
 @pytest.mark.parametrize("edit, message", [
     ({"time_cond_proj_dim": 8}, "guidance-distilled UNet .* use the base model"),  # LCM: no classifier-free guidance
     ({"in_channels": 9}, "takes 9 channels and returns 4: an inpainting or image-editing model"),
 ])
 def test_unets_the_sampler_cannot_run_are_refused_from_their_config(tiny_sd_dir, tmp_path, edit, message):
-    backbone = StableDiffusion(str(copied_model(tiny_sd_dir, tmp_path / "model", {"unet/config.json": edit})))
+    backbone = StableDiffusion(str(edited_copy(tiny_sd_dir, tmp_path / "model", {"unet/config.json": edit})))
     with pytest.raises(UserError, match=message):
         backbone.load()
     assert backbone.text_encoder is None and backbone.unet is None  # refused from its config: no weights loaded
@@ -111,7 +98,7 @@ def test_unets_the_sampler_cannot_run_are_refused_from_their_config(tiny_sd_dir,
 ])
 def test_an_incomplete_model_folder_is_named_as_such(tiny_sd_dir, tmp_path, remove, edit, message):
     """Not the hub's advice (it is a local folder), nor a tokenizer backend's complaint."""
-    backbone = StableDiffusion(str(copied_model(tiny_sd_dir, tmp_path / "model", edit, remove)))
+    backbone = StableDiffusion(str(edited_copy(tiny_sd_dir, tmp_path / "model", edit, remove)))
     with pytest.raises(UserError, match=message) as error:
         backbone.load()
     assert "Hub" not in str(error.value)

@@ -380,9 +380,10 @@ def test_a_resume_that_would_not_go_on_exactly_is_refused(tmp_path, monkeypatch,
         # the objective: the tokens would be trained on two, their file naming one (held-out seeds may change)
         (["--ckpt_path", "last", "--model.sampler.guidance_scale", "1.5", "--model.seeds.train", "[7]",
           "--model.seeds.eval", "[1005]", "--model.conformity_weight", "10", "--model.backbone.init_args.dtype",
-          "bfloat16"], "last.ckpt was optimised with other settings (model.backbone.init_args.dtype float32 -> "
-         "bfloat16, model.conformity_weight 0.001 -> 10.0, model.sampler.guidance_scale 4.0 -> 1.5, "
-         "model.seeds.train [0] -> [7]). A resume goes on"),
+          "bfloat16", "--model.tokens.bound", "0.5"], "last.ckpt was optimised with other settings "
+         "(model.backbone.init_args.dtype float32 -> bfloat16, model.conformity_weight 0.001 -> 10.0, "
+         "model.sampler.guidance_scale 4.0 -> 1.5, model.seeds.train [0] -> [7], model.tokens.bound 1.0 -> 0.5). "
+         "A resume goes on"),
         (["--ckpt_path", "last", "--model.reward.init_args.model", "tiny:shapes-clip"],
          "model.reward.init_args.model tiny:clip -> tiny:shapes-clip"),
     ]:
@@ -409,6 +410,10 @@ def test_resume_compares_the_optimiser_settings_both_sides_name():
     assert _changed_settings(saved, newer) == ""
     newer["optimizer"]["init_args"]["lr"] = 0.5
     assert _changed_settings(saved, newer) == "model.optimizer.init_args.lr 0.05 -> 0.5"
+    rewards = [{"name": "clip_score", "weight": 1.0}, {"name": "aesthetic", "weight": 1.0}]
+    later = [{"name": "clip_score", "weight": 1.0}, {"name": "aesthetic", "weight": 0.5, "new_field": None}]
+    assert _changed_settings({"rewards": rewards}, {"rewards": later}) == "model.rewards[1].weight 1.0 -> 0.5"
+    assert _changed_settings({"seeds": {"train": [0]}}, {"seeds": {"train": [7]}}) == "model.seeds.train [0] -> [7]"
 
 
 def test_a_checkpoint_saved_after_an_epochs_last_step_resumes(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ def test_prompt_sources(tmp_path):
 def test_empty_cells_are_skipped_with_a_warning(tmp_path):
     """Blank lines of a .txt file are layout; an empty cell of a table is a row without a prompt: said, by row."""
     (tmp_path / "p.csv").write_text('id,prompt\n1,a cat\n2,\n3,a dog\n4,"  "\n')
-    with pytest.warns(UserWarning, match=re.escape("p.csv: 2 rows have an empty 'prompt' (row 2, row 4), skipped")):
+    with pytest.warns(UserWarning, match=re.escape("p.csv: 2 rows have an empty 'prompt' (line 3, line 5), skipped")):
         assert read_prompts(tmp_path / "p.csv") == ["a cat", "a dog"]
     (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": ""}\n')
     with pytest.warns(UserWarning, match=re.escape("p.jsonl: 1 row has an empty 'prompt' (line 2), skipped")):
@@ -39,7 +39,8 @@ def test_empty_cells_are_skipped_with_a_warning(tmp_path):
     ("p.txt", "a cat\n\na dog\na cat\n", None, "p.txt: line 4 ('a cat') repeats line 1;"),  # the file's lines
     ("p.txt", "a photo of a cat\nA photo of a  cat\n", None,
      "line 2 ('A photo of a  cat') repeats line 1 but for case or spacing ('a photo of a cat')"),
-    ("p.csv", "prompt\na cat\n\"\"\na cat\n", None, "p.csv: row 3 ('a cat') repeats row 1;"),
+    ("p.csv", "prompt\na cat\n\n\"\"\na cat\n", None, "p.csv: line 5 ('a cat') repeats line 2;"),
+    ("p.csv", "id,caption\n1,a,extra\n", "text", "no column 'text'; its columns are ['caption', 'id']"),
     ("p.jsonl", '{"prompt": "a"}\n\n{"text": "b"}\n', None, "line 3 has no 'prompt'"),
     ("p.jsonl", '"a cat"\n', None, "line 1 is not a JSON object"),
 ])

@@ -299,7 +299,7 @@ def test_unpadded_tokens_cut_a_negative_prompt_as_the_pipeline_does(ipgo_cache, 
     tokens = TokenFile(torch.randn(1, width), torch.randn(1, width), family="sd" if family == "sd1" else family,
                        base_model=f"tiny:{family}", hidden_size=width, layout="unpadded")
     negative = "blurry dark grainy washed out overexposed picture"  # 12 tokens with BOS and EOS; "a cat" leaves 6
-    with pytest.warns(UserWarning, match=r"negative prompt 1 \('blurry.*'\) has 12 tokens, more than the 6 positions"):
+    with pytest.warns(UserWarning, match=r"negative prompt 1 \('blurry.*'\) has 12 tokens, more than the 6 CLIP "):
         ours = ipgo.token_embeds(pipe, tokens, "a cat", negative_prompt=negative)
     assert ours["prompt_embeds"].shape[1] == 6
     pooled = {"pooled_prompt_embeds": ours["pooled_prompt_embeds"]} if family == "sdxl" else {}

@@ -15,7 +15,7 @@ from ipgo.inject import conditioning
 from ipgo.module import IPGOModule
 from ipgo.rewards import ClipScore
 from ipgo.sampling import SamplerConfig, make_scheduler
-from ipgo.testing import tiny_sd2_path, tiny_sd3_path, tiny_sd_path, tiny_sdxl_path
+from ipgo.testing import edited_copy, tiny_sd2_path, tiny_sd3_path, tiny_sd_path, tiny_sdxl_path
 from ipgo.tokens import TokenConfig
 
 PROMPTS = ["a red circle on the left", "a blue square"]
@@ -111,14 +111,10 @@ def test_a_token_file_for_another_family_is_refused(ipgo_cache, tmp_path):
 def test_a_checkpoint_saved_from_another_pipeline_of_its_family_is_accepted(ipgo_cache, tmp_path):
     """Only another family's pipeline class is refused: a model saved from an img2img pipeline is still SD 1.x, for
     ipgo.fit and for generate / evaluate alike."""
-    import json
-    import shutil
-
     from ipgo.generate import pipeline_config
 
-    model = shutil.copytree(tiny_sd_path(ipgo_cache), tmp_path / "img2img")
-    index = json.loads((model / "model_index.json").read_text())
-    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionImg2ImgPipeline"}))
+    model = edited_copy(tiny_sd_path(ipgo_cache), tmp_path / "img2img",
+                        {"model_index.json": {"_class_name": "StableDiffusionImg2ImgPipeline"}})
     StableDiffusion(str(model)).load_tokenizer()  # ipgo.fit's check
     tokens = TokenFile(torch.zeros(2, 32), torch.zeros(2, 32), family="sd", base_model=str(model), hidden_size=32)
     assert pipeline_config(tokens)["_class_name"] == "StableDiffusionImg2ImgPipeline"
@@ -232,19 +228,15 @@ def test_sd3_tokens_learnt_with_t5_are_refused_by_a_pipeline_without_it(ipgo_cac
     with_t5 = replace(fits, extra={"text_encoders": json.dumps(["text_encoder", "text_encoder_2", "text_encoder_3"])})
     with pytest.raises(TokenFileError, match=r"learnt with the text encoders text_encoder, text_encoder_2 and "
                                              r"text_encoder_3, and this pipeline has text_encoder and text_encoder_2: "
-                                             r".* \(do not pass text_encoder_3=None to from_pretrained\)"):
+                                             r".* \(do not pass text_encoder_3=None to from_pretrained; or the model "
+                                             r"lacks it"):
         ipgo.apply_tokens(pipe, save_tokens(tmp_path / "t5.safetensors", with_t5))
 
 
 def test_sd3_with_dynamic_shifting_samples_as_its_pipeline(ipgo_cache, tiny_clip_dir, tmp_path):
     """A flow-matching scheduler with use_dynamic_shifting gets the pipeline's resolution-dependent shift."""
-    import json
-    import shutil
-
-    folder = tmp_path / "sd3"
-    shutil.copytree(tiny_sd3_path(ipgo_cache), folder)
-    config_path = folder / "scheduler/scheduler_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "use_dynamic_shifting": True}))
+    folder = edited_copy(tiny_sd3_path(ipgo_cache), tmp_path / "sd3",
+                         {"scheduler/scheduler_config.json": {"use_dynamic_shifting": True}})
     module = IPGOModule(
         StableDiffusion3(str(folder)), ClipScore(str(tiny_clip_dir)),
         tokens=TokenConfig(n_prefix=1, n_suffix=1, rank=2),
@@ -266,15 +258,10 @@ def test_sd3_with_dynamic_shifting_samples_as_its_pipeline(ipgo_cache, tiny_clip
 def test_sdxl_decodes_with_the_vaes_latent_statistics_as_its_pipeline(ipgo_cache, tiny_clip_dir, tmp_path):
     """VAEs with latents_mean / latents_std in their config (Playground-v2.5 style) decode as the pipeline does."""
     import json
-    import shutil
 
-    folder = tmp_path / "sdxl"
-    shutil.copytree(tiny_sdxl_path(ipgo_cache), folder)
-    config_path = folder / "vae/config.json"
-    config = json.loads(config_path.read_text())
-    channels = config["latent_channels"]
-    config.update(latents_mean=[0.3 * (c + 1) for c in range(channels)], latents_std=[0.5 + c for c in range(channels)])
-    config_path.write_text(json.dumps(config))
+    channels = json.loads((tiny_sdxl_path(ipgo_cache) / "vae/config.json").read_text())["latent_channels"]
+    folder = edited_copy(tiny_sdxl_path(ipgo_cache), tmp_path / "sdxl", {"vae/config.json": {
+        "latents_mean": [0.3 * (c + 1) for c in range(channels)], "latents_std": [0.5 + c for c in range(channels)]}})
     module = IPGOModule(
         StableDiffusionXL(str(folder)), ClipScore(str(tiny_clip_dir)),
         tokens=TokenConfig(n_prefix=1, n_suffix=1, rank=2),

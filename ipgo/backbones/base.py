@@ -146,9 +146,9 @@ def check_prompt_lengths(
     i, prompt, n = over[0]
     shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
     if negative:
-        warnings.warn(f"negative prompt {i + 1} ({shown!r}) has {n} tokens, more than the {budget} positions of the "
-                      f"conditioning: truncating it to {budget} tokens (its end token kept), as the pipeline does",
-                      stacklevel=4)
+        warnings.warn(f"negative prompt {i + 1} ({shown!r}) has {n} tokens, more than the {budget} CLIP positions "
+                      f"of the conditioning: truncating it to {budget} tokens (its end token kept), as the pipeline "
+                      "does", stacklevel=4)
         return
     distinct = len({p for _, p, _ in over})
     what = (
@@ -285,7 +285,10 @@ class Backbone(nn.Module, ABC):
 
         try:
             tokenizer = self._from_pretrained(AutoTokenizer, subfolder, subfolder)
-        except ValueError as error:  # transformers' answer to a subfolder without tokenizer files
+        except ValueError as error:  # transformers' answer to a local subfolder without tokenizer files
+            folder = Path(self.source) / subfolder
+            if not looks_like_path(self.source) or folder.is_dir() and any(folder.iterdir()):
+                raise  # e.g. a slow tokenizer that needs sentencepiece: transformers' own message says so
             raise load_error(self.model, subfolder, error) from error
         if len(tokenizer) <= 3:  # transformers 5 builds a 2-token tokenizer when no files are found
             raise load_error(self.model, subfolder, OSError("no tokenizer files were found"))
@@ -309,11 +312,12 @@ class Backbone(nn.Module, ABC):
                 "its pipeline samples without classifier-free guidance and with a guidance embedding that ipgo's "
                 "sampler does not give: use the base model it was distilled from"
             )
-        if config.get("in_channels") != config.get("out_channels"):
+        channels = config.get("in_channels", 4), config.get("out_channels", 4)  # UNet2DConditionModel's defaults
+        if channels[0] != channels[1]:
             raise UserError(
-                f"{self.model!r} has a UNet that takes {config.get('in_channels')} channels and returns "
-                f"{config.get('out_channels')}: an inpainting or image-editing model (its pipeline adds a mask or an "
-                "image to the latents). ipgo samples from noise alone: use the text-to-image model it was made from"
+                f"{self.model!r} has a UNet that takes {channels[0]} channels and returns {channels[1]}: an "
+                "inpainting or image-editing model (its pipeline adds a mask or an image to the latents). ipgo "
+                "samples from noise alone: use the text-to-image model it was made from"
             )
 
     def _load_configs(self) -> None:
@@ -333,17 +337,17 @@ class Backbone(nn.Module, ABC):
         from ipgo.backbones import family_of_pipeline
 
         found = self._pipeline_config.get("_class_name")
-        if self._pipeline_config.get("text_encoder", [None])[-1] is None:
-            raise UserError(
-                f"{self.model!r} has no text_encoder (its model_index.json names none, as an SDXL refiner's does): "
-                "ipgo's tokens condition the first text encoder's states too: use the base model"
-            )
         other = family_of_pipeline(found)
         if other is not None and other.family != self.family:
             raise UserError(
                 f"{self.model!r} is a {found} model, and {type(self).__name__} runs {self.pipeline_class} models: "
                 f"use --model.backbone ipgo.backbones.{other.__name__} (in a config: class_path: "
                 f"ipgo.backbones.{other.__name__})"
+            )
+        if (self._pipeline_config.get("text_encoder") or [None])[0] is None:
+            raise UserError(
+                f"{self.model!r} has no text_encoder (its model_index.json names none, as an SDXL refiner's does): "
+                "ipgo's tokens condition the first text encoder's states too: use the base model"
             )
 
     def load_tokenizer(self) -> None:
