@@ -397,8 +397,14 @@ class IPGOModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         # every process renders a batch of the same size (Lightning pads the shares): count them all
-        return self._step_loss(list(batch["prompt"]), batch["index"], self.current_epoch, log=True,
+        loss = self._step_loss(list(batch["prompt"]), batch["index"], self.current_epoch, log=True,
                                processes=self._processes)
+        accumulate, batches = self.trainer.accumulate_grad_batches, self.trainer.num_training_batches
+        if accumulate > 1 and batches != float("inf"):
+            # Lightning divides every loss by accumulate_grad_batches, also in an epoch's last update when it gathers
+            # fewer batches: there, that would scale the update down. Each update is the mean over its batches.
+            return loss * accumulate / min(accumulate, batches - batch_idx + batch_idx % accumulate)
+        return loss
 
     def _step_loss(self, prompts: list[str], index: Tensor, step: int, log: bool = False,
                    processes: int = 1) -> Tensor:

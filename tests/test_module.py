@@ -188,6 +188,26 @@ def test_prompt_batch_shares_tokens_and_validates(tiny_sd_dir, tiny_clip_dir, tm
     assert f"`{tiny_sd_dir}`, 2 epochs in " in (tmp_path / "summary.md").read_text()
 
 
+def test_an_epochs_last_update_is_the_mean_of_the_batches_it_gathers(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    """Two batches of one prompt that make a partial accumulation group (of 4) update the tokens as one batch of both
+    does (plain SGD: the step is the gradient), not by half of it, as Lightning's division by 4 alone would."""
+    def module():
+        return make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch", optimizer=torch.optim.SGD, lr=300,
+                           grad_clip=None)
+
+    def tokens_after(batch_size, accumulate):
+        trained = module()
+        fit(trained, PromptDataModule(prompt_file(tmp_path, PROMPTS[:2]), batch_size=batch_size), tmp_path / "run",
+            epochs=1, accumulate_grad_batches=accumulate)
+        return trained.token_vectors([0])[0].detach()
+
+    start = module()
+    start.prepare(PROMPTS[:2])
+    together, gathered = tokens_after(batch_size=2, accumulate=1), tokens_after(batch_size=1, accumulate=4)
+    assert (together - start.token_vectors([0])[0].detach()).abs().max() > 1e-3  # a step that shows
+    torch.testing.assert_close(gathered, together, atol=1e-5, rtol=1e-4)
+
+
 def test_prompt_wise_refuses_validation_split_and_accumulation(tiny_sd_dir, tiny_clip_dir, tmp_path):
     module = make_module(tiny_sd_dir, tiny_clip_dir)
     with pytest.raises(ValueError, match="val_fraction=0"):
