@@ -152,7 +152,8 @@ def main(args: list[str] | None = None) -> IPGOCLI:
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # one way to choose them: model.optimizer and model.lr_scheduler
-        parser_kwargs={"description": "Learn IPGO prefix/suffix tokens for a frozen text-to-image model."},
+        parser_kwargs={"prog": "python -m ipgo.fit",
+                       "description": "Learn IPGO prefix/suffix tokens for a frozen text-to-image model."},
     )
     run_dir = Path(cli.trainer.default_root_dir)
     ckpt_path = cli.config.get("ckpt_path")

@@ -507,7 +507,7 @@ def main(args: list[str] | None = None) -> None:
     from jsonargparse import auto_cli
 
     with reported("ipgo.evaluate"):
-        auto_cli(evaluate, args=args, as_positional=False)
+        auto_cli(evaluate, args=args, as_positional=False, prog="python -m ipgo.evaluate")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,16 @@ def sampler_settings(tokens: TokenFile) -> dict[str, Any]:
     return json.loads(tokens.extra["sampler"])
 
 
+def call_settings(tokens: TokenFile) -> dict[str, Any]:
+    """The pipeline-call arguments the tokens were trained with (steps, guidance, size; SD 3's T5 length):
+    `pipe(prompt, **call_settings(tokens))`, with the scheduler `load_pipeline` sets, renders as training did."""
+    settings = sampler_settings(tokens)
+    return {"num_inference_steps": settings["num_steps"], "guidance_scale": settings["guidance_scale"],
+            "height": settings["height"], "width": settings["width"],
+            # SD 3: raw prompts too are encoded at the T5 length the tokens were trained with
+            **{key: int(tokens.extra[key]) for key in ("max_sequence_length",) if key in tokens.extra}}
+
+
 def _recorded_dtype(tokens: TokenFile, device: str) -> str:
     """The dtype the tokens were trained in; float32 on a CPU for float16 runs (slow or missing kernels there)."""
     recorded = tokens.extra.get("dtype", "float32")
@@ -197,9 +207,7 @@ def render(pipe: Any, tokens: TokenFile, prompts: Sequence[str], seeds: Sequence
     """Images (len(prompts), len(seeds), 3, H, W) from `pipe` on the given seeds, with or without the tokens, at most
     `batch_size` images per pipeline call (each has its own generator, so the batching changes them only by the
     rounding of batched arithmetic); `progress` counts them as they are rendered."""
-    settings = sampler_settings(tokens)
-    # SD 3: raw prompts too are encoded at the T5 length the tokens were trained with.
-    family_settings = {key: int(tokens.extra[key]) for key in ("max_sequence_length",) if key in tokens.extra}
+    settings = call_settings(tokens)
     if tuned:
         apply_tokens(pipe, tokens)
     else:
@@ -210,11 +218,8 @@ def render(pipe: Any, tokens: TokenFile, prompts: Sequence[str], seeds: Sequence
             row = []
             for start in range(0, len(seeds), batch_size):
                 chunk = seeds[start:start + batch_size]
-                images = pipe(
-                    [prompt] * len(chunk), generator=[torch.Generator().manual_seed(int(s)) for s in chunk],
-                    num_inference_steps=settings["num_steps"], guidance_scale=settings["guidance_scale"],
-                    height=settings["height"], width=settings["width"], output_type="pt", **family_settings,
-                ).images
+                images = pipe([prompt] * len(chunk), generator=[torch.Generator().manual_seed(int(s)) for s in chunk],
+                              output_type="pt", **settings).images
                 row.append(images.float().cpu())
                 if progress is not None:
                     progress.update(len(chunk))
@@ -341,7 +346,7 @@ def main(args: list[str] | None = None) -> None:
     from jsonargparse import auto_cli
 
     with reported("ipgo.generate"):
-        auto_cli(generate, args=args, as_positional=False)
+        auto_cli(generate, args=args, as_positional=False, prog="python -m ipgo.generate")
 
 
 if __name__ == "__main__":

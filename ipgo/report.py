@@ -180,7 +180,8 @@ def summary_markdown(summary: dict) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for row in summary["per_prompt"]:
-        shown = row["prompt"] if len(row["prompt"]) <= 50 else row["prompt"][:47] + "..."
+        prompt = row["prompt"].replace("|", "\\|")  # a table cell
+        shown = prompt if len(prompt) <= 100 else prompt[:97] + "..."
         lines.append(f"| {shown} | {_figure(row['before'])} | {_figure(row.get('start'))} | {_figure(row['after'])} | "
                      f"{_change(row['before'], row['after'])} | {_change(row.get('start'), row['after'])} |")
     if "mean_before" in summary:

@@ -89,6 +89,21 @@ def test_generate_matches_the_modules_render(run, tmp_path, capsys, monkeypatch)
     assert stat.S_IMODE((run_dir / "tokens.safetensors").stat().st_mode) == 0o666 & ~umask  # readable as any output
 
 
+def test_the_readme_snippet_renders_as_training_did(run):
+    """The tokens' base model with its training scheduler and dtype, called with the training settings: the image the
+    run renders (a pipeline's own defaults, 50 steps at 512 px, would give another)."""
+    import ipgo
+    from ipgo.generate import call_settings, load_pipeline
+
+    run_dir, module = run
+    tokens = ipgo.load_tokens(run_dir / "tokens.safetensors")
+    pipe = ipgo.apply_tokens(load_pipeline(tokens), tokens)
+    image = pipe(tokens.prompts[0], generator=torch.Generator().manual_seed(1000), output_type="pt",
+                 **call_settings(tokens)).images
+    prefix, suffix = tokens.tokens_for(tokens.prompts[:1])
+    assert torch.allclose(module.render(tokens.prompts[:1], [1000], prefix, suffix), image.float(), atol=1e-5)
+
+
 def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path, capsys, monkeypatch):
     run_dir, module = run
     metrics = evaluate([f"ipgo={run_dir}"], REWARDS, seeds="1000-1002", out=str(tmp_path), bootstrap=200)

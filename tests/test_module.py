@@ -383,6 +383,10 @@ def test_summary_says_what_the_training_figures_are():
     summary["seeds"] = [5, 6]
     assert "the left 2 images are the raw prompt, the right 2 the prompt with the tokens, on the same seeds." in \
         summary_markdown(summary)
+    # prompts as long as the shapes demo's captions are shown whole; a "|" does not split the table's row
+    caption = "a blue circle on the left and a red circle on the right | sharp"
+    summary["per_prompt"] = [{"prompt": caption, "before": 0.1, "start": 0.1, "after": 0.2}]
+    assert "| a blue circle on the left and a red circle on the right \\| sharp | 0.1000 |" in summary_markdown(summary)
 
 
 def test_a_summary_with_non_finite_scores_is_written_as_strict_json_with_a_warning(tiny_sd_dir, tiny_clip_dir,

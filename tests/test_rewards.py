@@ -193,7 +193,8 @@ def test_head_width_must_match_clip(tmp_path: Path, tiny_clip_dir: Path, monkeyp
 def test_missing_local_paths_fail_at_construction(tmp_path: Path, aesthetic_head_file: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         ClipScore(str(tmp_path / "does-not-exist"))
-    with pytest.raises(FileNotFoundError, match="improved-aesthetic-predictor"):
+    with pytest.raises(FileNotFoundError, match=r"improved-aesthetic-predictor and pass its path \(ipgo.fit: "
+                                                r"--model.reward.init_args.head PATH"):
         Aesthetic(str(tmp_path / "head.pth"))
     with pytest.raises(FileNotFoundError, match="clip-folder"):
         Aesthetic(str(aesthetic_head_file), "./clip-folder")

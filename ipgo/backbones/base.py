@@ -118,7 +118,8 @@ def load_error(model: str, what: str, error: Exception) -> ModelNotFoundError:
         f"could not load the {what} of {model!r}: it is not a local folder and was not found in the "
         f"Hugging Face cache{' (HF_HUB_OFFLINE is set)' if offline else ' or on the Hub'}. Download it "
         "on a machine with internet (`hf download "
-        f"{model}`) or pass a local folder written by `save_pretrained`. Original error: {original}"
+        f"{model}`) or pass a local folder written by `save_pretrained`"
+        f"{'' if offline else ' (without a network, HF_HUB_OFFLINE=1 skips the retries)'}. Original error: {original}"
     )
 
 

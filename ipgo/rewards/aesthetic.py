@@ -20,7 +20,8 @@ from ipgo.testing import is_tiny, resolve_source
 
 _HEAD_HINT = (
     "Download sac+logos+ava1-l14-linearMSE.pth from "
-    "https://github.com/christophschuhmann/improved-aesthetic-predictor and pass its path."
+    "https://github.com/christophschuhmann/improved-aesthetic-predictor and pass its path (ipgo.fit: "
+    "--model.reward.init_args.head PATH; in a list of rewards: args: {head: PATH})."
 )
 
 
