@@ -399,7 +399,8 @@ class IPGOModule(L.LightningModule):
         # every process renders a batch of the same size (Lightning pads the shares): count them all
         loss = self._step_loss(list(batch["prompt"]), batch["index"], self.current_epoch, log=True,
                                processes=self._processes)
-        accumulate, batches = self.trainer.accumulate_grad_batches, self.trainer.num_training_batches
+        trainer = self._trainer  # None when called outside a Trainer
+        accumulate, batches = (trainer.accumulate_grad_batches, trainer.num_training_batches) if trainer else (1, 1)
         if accumulate > 1 and batches != float("inf"):
             # Lightning divides every loss by accumulate_grad_batches, also in an epoch's last update when it gathers
             # fewer batches: there, that would scale the update down. Each update is the mean over its batches.

@@ -111,6 +111,25 @@ def test_sd3_refuses_a_t5_length_its_pipeline_refuses(ipgo_cache):
     for length in (0, 513):
         with pytest.raises(ConfigError, match=f"max_sequence_length must be between 1 and 512 .* got {length}"):
             StableDiffusion3("tiny:sd3", max_sequence_length=length)
+    assert [StableDiffusion3("tiny:sd3", max_sequence_length=n).max_sequence_length for n in (1, 512)] == [1, 512]
+
+
+def test_a_tokenizer_that_fails_for_another_reason_keeps_its_own_message(tiny_sd_dir, tmp_path, monkeypatch):
+    """Only a local tokenizer folder that is missing or empty is reported as such; transformers' other complaints
+    (a slow tokenizer that needs sentencepiece) reach the user as transformers words them."""
+    import transformers
+
+    (edited_copy(tiny_sd_dir, tmp_path / "empty", remove="tokenizer") / "tokenizer").mkdir()
+    with pytest.raises(ModelNotFoundError, match="could not load the tokenizer of the local folder"):
+        StableDiffusion(str(tmp_path / "empty")).load_tokenizer()
+
+    def needs_sentencepiece(*args, **kwargs):
+        raise ValueError("this tokenizer needs sentencepiece: pip install sentencepiece")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", needs_sentencepiece)
+    with pytest.raises(ValueError, match="needs sentencepiece") as error:
+        StableDiffusion(str(tiny_sd_dir)).load_tokenizer()
+    assert not isinstance(error.value, ModelNotFoundError)
 
 
 def test_renders_are_decoded_one_image_at_a_time(tiny_backbone):

@@ -1,5 +1,6 @@
 """The `python -m ipgo.fit` command line: shipped configs, overrides, resume, bad input."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,15 @@ def test_every_shipped_config_parses(config, capsys):
     assert printed["backbone"]["class_path"] == written["backbone"]["class_path"]  # each config's own family
     assert printed["backbone"]["init_args"]["model"] == written["backbone"]["init_args"]["model"]
     assert printed["mode"] == written["mode"]
+
+
+@pytest.mark.parametrize("command", ["ipgo.fit", "ipgo.generate", "ipgo.evaluate"])
+def test_each_command_names_itself_as_it_is_run(command, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(command if command != "ipgo.fit" else "ipgo.cli").main(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: python -m {command} ")
 
 
 def test_any_key_can_be_overridden(capsys):
@@ -414,6 +424,37 @@ def test_resume_compares_the_optimiser_settings_both_sides_name():
     later = [{"name": "clip_score", "weight": 1.0}, {"name": "aesthetic", "weight": 0.5, "new_field": None}]
     assert _changed_settings({"rewards": rewards}, {"rewards": later}) == "model.rewards[1].weight 1.0 -> 0.5"
     assert _changed_settings({"seeds": {"train": [0]}}, {"seeds": {"train": [7]}}) == "model.seeds.train [0] -> [7]"
+
+
+def test_resume_keeps_every_objective_setting_and_the_weights_outputs():
+    """Each setting a resume must keep is compared (a change is named), and of the backbone only what changes the
+    frozen weights' outputs: dtype, variant, SD 3's T5 length (not, e.g., gradient checkpointing)."""
+    from jsonargparse import Namespace
+
+    from ipgo.cli import RESUME_SETTINGS, _changed_settings, _plain, optimisation_settings
+
+    def settings(**model):
+        backbone = {"class_path": "ipgo.backbones.StableDiffusion3", "init_args": {
+            "dtype": "float32", "variant": None, "max_sequence_length": 256, "gradient_checkpointing": False}}
+        return json.loads(optimisation_settings({"model": {"backbone": backbone, **model}}))
+
+    for key in RESUME_SETTINGS:
+        assert _changed_settings(settings(**{key: 1}), settings(**{key: 2})) == f"model.{key} 1 -> 2"
+    assert _changed_settings(settings(seeds={"train": [0], "eval": [5]}),
+                             settings(seeds={"train": [0], "eval": [6]})) == ""  # held-out seeds may change
+
+    def backbone(**arguments):
+        config = settings()
+        config["backbone"]["init_args"].update(arguments)
+        return config
+
+    assert _changed_settings(settings(), backbone(max_sequence_length=128)) == \
+        "model.backbone.init_args.max_sequence_length 256 -> 128"
+    assert _changed_settings(settings(), backbone(variant="fp16")) == "model.backbone.init_args.variant None -> fp16"
+    gradient_checkpointing = {"model": {"backbone": {"class_path": "x", "init_args": {"gradient_checkpointing": True}}}}
+    assert "gradient_checkpointing" not in optimisation_settings(gradient_checkpointing)
+    assert _plain([Namespace(name="clip_score", args=Namespace(model="m"))]) == [{"name": "clip_score",
+                                                                                "args": {"model": "m"}}]
 
 
 def test_a_checkpoint_saved_after_an_epochs_last_step_resumes(tmp_path, monkeypatch):

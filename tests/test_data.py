@@ -22,7 +22,7 @@ def test_prompt_sources(tmp_path):
 
 def test_empty_cells_are_skipped_with_a_warning(tmp_path):
     """Blank lines of a .txt file are layout; an empty cell of a table is a row without a prompt: said, by row."""
-    (tmp_path / "p.csv").write_text('id,prompt\n1,a cat\n2,\n3,a dog\n4,"  "\n')
+    (tmp_path / "p.csv").write_text('id,prompt\n1,a cat\n2\n3,a dog\n4,"  "\n')  # row 2 lacks the cell
     with pytest.warns(UserWarning, match=re.escape("p.csv: 2 rows have an empty 'prompt' (line 3, line 5), skipped")):
         assert read_prompts(tmp_path / "p.csv") == ["a cat", "a dog"]
     (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": ""}\n')

@@ -231,6 +231,19 @@ def test_sd3_tokens_learnt_with_t5_are_refused_by_a_pipeline_without_it(ipgo_cac
                                              r".* \(do not pass text_encoder_3=None to from_pretrained; or the model "
                                              r"lacks it"):
         ipgo.apply_tokens(pipe, save_tokens(tmp_path / "t5.safetensors", with_t5))
+    one = replace(fits, extra={"text_encoders": json.dumps(["text_encoder"])})  # and the other way round
+    with pytest.raises(TokenFileError, match=r"\(pass text_encoder_2=None to from_pretrained\)"):
+        ipgo.token_embeds(pipe, one, "a cat")
+
+
+def test_sd3_cuts_a_long_negative_prompt_with_a_warning(ipgo_cache):
+    """Its CLIP part is cut to 77 tokens as the pipeline cuts it (SD 3 is padded: nothing shorter)."""
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_path(ipgo_cache)), local_files_only=True,
+                                                    text_encoder_3=None, tokenizer_3=None)
+    tokens = TokenFile(torch.zeros(2, 64), torch.zeros(2, 64), family="sd3", base_model="tiny:sd3", hidden_size=64)
+    with pytest.warns(UserWarning, match=r"negative prompt 1 .* has 82 tokens, more than the 77 CLIP positions"):
+        embeds = ipgo.token_embeds(pipe, tokens, "a cat", negative_prompt="blurry " * 80)
+    assert embeds["negative_prompt_embeds"].shape == embeds["prompt_embeds"].shape
 
 
 def test_sd3_with_dynamic_shifting_samples_as_its_pipeline(ipgo_cache, tiny_clip_dir, tmp_path):

@@ -104,6 +104,21 @@ def test_the_readme_snippet_renders_as_training_did(run):
     assert torch.allclose(module.render(tokens.prompts[:1], [1000], prefix, suffix), image.float(), atol=1e-5)
 
 
+def test_call_settings_carry_sd3s_t5_length():
+    """SD 3 tokens were trained at a T5 length: raw and tuned renders encode at it, not at the pipeline's 256."""
+    from ipgo.export import TokenFile
+    from ipgo.generate import call_settings
+
+    sampler = json.dumps({"scheduler": "flow_euler", "num_steps": 4, "grad_steps": 1, "guidance_scale": 3.0,
+                          "height": 32, "width": 48})
+    tokens = TokenFile(torch.zeros(1, 64), torch.zeros(1, 64), family="sd3", base_model="tiny:sd3", hidden_size=64,
+                       extra={"sampler": sampler, "max_sequence_length": "128"})
+    assert call_settings(tokens) == {"num_inference_steps": 4, "guidance_scale": 3.0, "height": 32, "width": 48,
+                                     "max_sequence_length": 128}
+    del tokens.extra["max_sequence_length"]  # other families
+    assert "max_sequence_length" not in call_settings(tokens)
+
+
 def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path, capsys, monkeypatch):
     run_dir, module = run
     metrics = evaluate([f"ipgo={run_dir}"], REWARDS, seeds="1000-1002", out=str(tmp_path), bootstrap=200)

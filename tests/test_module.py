@@ -189,23 +189,27 @@ def test_prompt_batch_shares_tokens_and_validates(tiny_sd_dir, tiny_clip_dir, tm
 
 
 def test_an_epochs_last_update_is_the_mean_of_the_batches_it_gathers(tiny_sd_dir, tiny_clip_dir, tmp_path):
-    """Two batches of one prompt that make a partial accumulation group (of 4) update the tokens as one batch of both
-    does (plain SGD: the step is the gradient), not by half of it, as Lightning's division by 4 alone would."""
+    """An epoch's last accumulation group of fewer batches updates the tokens with their mean (plain SGD: the step is
+    the gradient), not a fraction of it, as Lightning's division by accumulate_grad_batches alone would: three
+    one-prompt batches in groups of 2 take the steps that batches of 2 and 1 prompts take, and two in a group of 4
+    the step of one batch of both."""
     def module():
         return make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch", optimizer=torch.optim.SGD, lr=300,
                            grad_clip=None)
 
-    def tokens_after(batch_size, accumulate):
+    def tokens_after(prompts, batch_size, accumulate):
         trained = module()
-        fit(trained, PromptDataModule(prompt_file(tmp_path, PROMPTS[:2]), batch_size=batch_size), tmp_path / "run",
+        fit(trained, PromptDataModule(prompt_file(tmp_path, prompts), batch_size=batch_size), tmp_path / "run",
             epochs=1, accumulate_grad_batches=accumulate)
         return trained.token_vectors([0])[0].detach()
 
     start = module()
     start.prepare(PROMPTS[:2])
-    together, gathered = tokens_after(batch_size=2, accumulate=1), tokens_after(batch_size=1, accumulate=4)
+    together = tokens_after(PROMPTS[:2], batch_size=2, accumulate=1)
     assert (together - start.token_vectors([0])[0].detach()).abs().max() > 1e-3  # a step that shows
-    torch.testing.assert_close(gathered, together, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tokens_after(PROMPTS[:2], batch_size=1, accumulate=4), together, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tokens_after(PROMPTS, batch_size=1, accumulate=2),
+                               tokens_after(PROMPTS, batch_size=2, accumulate=1), atol=1e-5, rtol=1e-4)
 
 
 def test_prompt_wise_refuses_validation_split_and_accumulation(tiny_sd_dir, tiny_clip_dir, tmp_path):
@@ -234,6 +238,12 @@ def test_refuses_half_precision_tokens_and_a_shared_loss_scaler(tiny_sd_dir, tin
         module.check_trainer(scaled)
     make_module(tiny_sd_dir, tiny_clip_dir, mode="prompt-batch").check_trainer(scaled)  # one token set: fine
     module.check_trainer(trainer(precision="bf16-mixed"))
+    # a time limit checked after every batch would end an epoch part-way; checked after every epoch, it does not
+    from lightning.pytorch.callbacks import Timer
+
+    with pytest.raises(ConfigError, match="trainer.max_time"):
+        module.check_trainer(trainer(max_time={"hours": 1}))
+    module.check_trainer(trainer(callbacks=[Timer({"hours": 1}, interval="epoch")]))
 
 
 def test_prompt_wise_refuses_repeated_prompts_before_loading(tiny_sd_dir, tiny_clip_dir):
