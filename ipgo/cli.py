@@ -139,12 +139,9 @@ class _NoAdvert(logging.Filter):
 NO_ADVERT = _NoAdvert()
 
 
-def main(args: list[str] | None = None) -> IPGOCLI:
-    """Parse the command line (or `args`), then fit; returns the CLI (its trainer, model, datamodule)."""
-    for message in QUIET:
-        warnings.filterwarnings("ignore", message=message)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NO_ADVERT)  # once: the same filter
-    cli = IPGOCLI(
+def build_cli(args: list[str] | None = None) -> IPGOCLI:
+    """Parse the command line (or `args`) and build its trainer, model and datamodule (no weights load)."""
+    return IPGOCLI(
         IPGOModule,
         PromptDataModule,
         run=False,
@@ -155,6 +152,14 @@ def main(args: list[str] | None = None) -> IPGOCLI:
         parser_kwargs={"prog": "python -m ipgo.fit",
                        "description": "Learn IPGO prefix/suffix tokens for a frozen text-to-image model."},
     )
+
+
+def main(args: list[str] | None = None) -> IPGOCLI:
+    """Parse the command line (or `args`), then fit; returns the CLI (its trainer, model, datamodule)."""
+    for message in QUIET:
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NO_ADVERT)  # once: the same filter
+    cli = build_cli(args)
     run_dir = Path(cli.trainer.default_root_dir)
     ckpt_path = cli.config.get("ckpt_path")
     cli.model.optimisation_settings = optimisation_settings(cli.config)  # kept in checkpoints, see check_checkpoint

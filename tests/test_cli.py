@@ -45,6 +45,36 @@ def test_each_command_names_itself_as_it_is_run(command, capsys):
     assert capsys.readouterr().out.startswith(f"usage: python -m {command} ")
 
 
+TINY_OF_FAMILY = {"StableDiffusion": "tiny:sd1", "StableDiffusionXL": "tiny:sdxl", "StableDiffusion3": "tiny:sd3"}
+TINY_WEIGHTS = {"model": "tiny:clip", "clip_model": "tiny:clip", "processor": "tiny:clip",
+                "head": "tiny:aesthetic-head", "checkpoint": "tiny:hps"}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_shipped_config_builds_and_passes_the_checks_before_a_run(config, tmp_path):
+    """Parsing alone lets a misspelt reward argument, a sampler its family does not take or an unknown setting
+    through: each config is built, rewards and judges too, and checked as ipgo.fit checks before a run, with tiny
+    weights of its family in place of the real ones (and a basis narrow enough for them); every other setting as
+    shipped."""
+    from ipgo.cli import build_cli
+
+    settings = yaml.safe_load((ROOT / config).read_text())
+    model = settings["model"]
+    backbone = model["backbone"]
+    backbone["init_args"]["model"] = TINY_OF_FAMILY[backbone["class_path"].rsplit(".", 1)[1]]
+    model.setdefault("tokens", {})["rank"] = min(model["tokens"].get("rank", 8), 8)
+    arguments = [model["reward"].setdefault("init_args", {})] if model.get("reward") else []
+    arguments += [spec.setdefault("args", {}) for spec in (model.get("rewards") or []) + (model.get("judges") or [])]
+    for args in arguments:
+        args.update({key: TINY_WEIGHTS[key] for key in args if key in TINY_WEIGHTS})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
+    cli = build_cli(["--config", str(tmp_path / "config.yaml"), "--trainer.default_root_dir", str(tmp_path / "run")])
+    cli.model.check_trainer(cli.trainer)
+    cli.datamodule.setup("fit")
+    cli.model.check_input(cli.datamodule.train_prompts, cli.datamodule.val_prompts)
+    assert cli.model.sampler_config.scheduler == settings["model"]["sampler"]["scheduler"]
+
+
 def test_any_key_can_be_overridden(capsys):
     with pytest.raises(SystemExit):
         main(["--config", "configs/prompt_wise.yaml", "--model.tokens.rank", "30", "--model.sampler.scheduler", "ddim",
