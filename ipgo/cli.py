@@ -250,7 +250,8 @@ def resumes_this_run(checkpoint: Path | None, run_dir: Path) -> bool:
 
 
 # what a resume must keep: the optimiser and schedule (the checkpoint's are restored), and the objective (another
-# reward, sampler, training seeds or dtype part-way through would train the tokens on two, while their file names one)
+# reward, sampler, training seeds or token constraint part-way through would train the tokens on two objectives,
+# while their file names one)
 RESUME_SETTINGS = ("optimizer", "lr_scheduler", "lr_interval", "reward", "rewards", "sampler", "seeds", "tokens",
                    "conformity_weight", "grad_clip")
 
@@ -282,8 +283,9 @@ def _plain(value: Any) -> Any:
 
 def check_checkpoint(cli: IPGOCLI, path: Path) -> int:
     """Refuse, before any weights load, another run's checkpoint, one saved part-way through an epoch, and other
-    optimiser settings than the checkpoint's; returns the epochs it has done. Memory-mapped: a prompt-wise checkpoint
-    of many prompts can hold gigabytes of optimiser state, of which only the run's description is read."""
+    settings a resume must keep (`optimisation_settings`) than the checkpoint's; returns the epochs it has done.
+    Memory-mapped: a prompt-wise checkpoint of many prompts can hold gigabytes of optimiser state, of which only the
+    run's description is read."""
     saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     run, settings = saved.get("ipgo_run", {}), saved.get("ipgo_optimisation")
     loop = saved.get("loops", {}).get("fit_loop", {})
