@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -201,8 +202,15 @@ def main(args: list[str] | None = None) -> IPGOCLI:
                 raise UserError(f"{run_dir} holds a finished run ({done} epochs, summary.json): there is nothing to "
                                 f"resume. To optimise further, raise --trainer.max_epochs above {done} (its tokens and "
                                 "summary are then replaced); to start again, choose a new --trainer.default_root_dir")
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule,
-                        ckpt_path=str(checkpoint) if checkpoint is not None else ckpt_path)
+        try:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule,
+                            ckpt_path=str(checkpoint) if checkpoint is not None else ckpt_path)
+        except SystemExit:  # Ctrl-C (Lightning exits after its shutdown) or SIGTERM (its SIGTERMException)
+            last = run_dir / "checkpoints" / "last.ckpt"
+            if cli.trainer.is_global_zero and last.is_file():
+                print(f"\nipgo.fit stopped before the run finished. {last} holds its last finished epoch: resume "
+                      "with the same command plus --ckpt_path last", file=sys.stderr)
+            raise
         if cli.trainer.is_global_zero and not (run_dir / "summary.json").exists():
             # resumed after its last epoch (the outputs failed before, e.g. out of memory): Lightning skips the
             # training loop and its end hook, so the outputs are written here

@@ -487,6 +487,28 @@ def test_resume_keeps_every_objective_setting_and_the_weights_outputs():
                                                                                 "args": {"model": "m"}}]
 
 
+def test_an_interrupted_run_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C ends the run through Lightning's graceful shutdown (exit 1), a cluster's SIGTERM likewise: the user is
+    told that the last finished epoch is kept and how to go on from it."""
+    folder = tmp_path / "run"
+    args = [*QUICK, "--data.batch_size", "1", "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(folder)]
+
+    def interrupted(module, outputs, batch, batch_idx):
+        if module.current_epoch == 1:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(IPGOModule, "on_train_batch_end", interrupted, raising=False)
+        with pytest.raises(SystemExit):
+            main(args)
+    err = capsys.readouterr().err
+    assert "ipgo.fit stopped before the run finished." in err and "resume with the same command plus --ckpt_path " \
+        "last" in err
+    epochs = count_training_epochs(monkeypatch)
+    main([*args, "--ckpt_path", "last"])
+    assert epochs == [1, 1, 2, 2]  # from the epoch the interruption cut short
+
+
 def test_a_checkpoint_saved_after_an_epochs_last_step_resumes(tmp_path, monkeypatch):
     """Saved after the last batch of an epoch (by a step-count checkpoint, or at validation end), a checkpoint has
     finished that epoch, though Lightning counts it as processed only later: it resumes with the next one."""
