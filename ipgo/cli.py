@@ -9,13 +9,14 @@ the resolved config to `<run>/config.yaml`; checkpoints to `<run>/checkpoints/`
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch.callbacks import (
@@ -69,6 +70,22 @@ class RichRunProgressBar(_WithoutVersion, RichProgressBar):
 
 class TQDMRunProgressBar(_WithoutVersion, TQDMProgressBar):
     """Lightning's default bar without rich, without `v_num`."""
+
+
+class SuggestingParser(LightningArgumentParser):
+    """Lightning's parser, whose error for an unknown key also names the nearest known one."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        found = re.search(r"unrecognized arguments: (--[\w.]+)|Group '([\w.]+)' does not accept option '(\w+)'",
+                          message)
+        if found:
+            parent, _, name = (found[1] or f"--{found[2]}.{found[3]}").rpartition(".")
+            siblings = [option.rpartition(".")[2] for option in self._option_string_actions
+                        if option.rpartition(".")[0] == parent]  # the keys beside the unknown one
+            nearest = difflib.get_close_matches(name, siblings, n=1)
+            if nearest:
+                message += f" (did you mean {parent}.{nearest[0]}?)"
+        super().error(message, ex)
 
 
 class IPGOCLI(LightningCLI):
@@ -145,6 +162,7 @@ def build_cli(args: list[str] | None = None) -> IPGOCLI:
     return IPGOCLI(
         IPGOModule,
         PromptDataModule,
+        parser_class=SuggestingParser,
         run=False,
         args=args,
         trainer_defaults=trainer_defaults(),

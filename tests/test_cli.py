@@ -75,6 +75,21 @@ def test_every_shipped_config_builds_and_passes_the_checks_before_a_run(config, 
     assert cli.model.sampler_config.scheduler == settings["model"]["sampler"]["scheduler"]
 
 
+def test_a_misspelt_key_gets_the_nearest_known_one(tmp_path, capsys):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("trainer:\n  max_epoch: 2\n")
+    for args, message in [
+        (["--model.tokens.n_prefx", "2"], "unrecognized arguments: --model.tokens.n_prefx 2 (did you mean "
+                                          "--model.tokens.n_prefix?)"),
+        (["--config", str(typo)], "Group 'trainer' does not accept option 'max_epoch' (did you mean "
+                                  "--trainer.max_epochs?)"),
+        (["--model.tokens.zzz", "2"], "unrecognized arguments: --model.tokens.zzz 2\n"),  # nothing near: no guess
+    ]:
+        with pytest.raises(SystemExit):
+            main(["--config", "configs/tiny.yaml", *args])
+        assert message in capsys.readouterr().err
+
+
 def test_any_key_can_be_overridden(capsys):
     with pytest.raises(SystemExit):
         main(["--config", "configs/prompt_wise.yaml", "--model.tokens.rank", "30", "--model.sampler.scheduler", "ddim",
