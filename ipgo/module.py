@@ -397,8 +397,16 @@ class IPGOModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         # every process renders a batch of the same size (Lightning pads the shares): count them all
-        loss = self._step_loss(list(batch["prompt"]), batch["index"], self.current_epoch, log=True,
-                               processes=self._processes)
+        loss, metrics = self._step_loss(list(batch["prompt"]), batch["index"], self.current_epoch,
+                                        processes=self._processes)
+        # averaged over all processes' prompts; one point per epoch (prompt-wise, an epoch is one step of every
+        # prompt: per-batch points would zig-zag between prompt groups; prompt-batch, a batch is part of an update
+        # when gradients accumulate: see on_before_optimizer_step for the per-update reward)
+        per = {"batch_size": len(batch["prompt"]), "on_step": False, "on_epoch": True, "sync_dist": True}
+        for name, values in metrics.items():
+            self.log(f"train/{name}", values.mean(), prog_bar=name == "reward", **per)
+        if not self.prompt_wise:
+            self._update_rewards.append(metrics["reward"])
         trainer = self._trainer  # None when called outside a Trainer
         accumulate, batches = (trainer.accumulate_grad_batches, trainer.num_training_batches) if trainer else (1, 1)
         if accumulate > 1 and batches != float("inf"):
@@ -407,10 +415,11 @@ class IPGOModule(L.LightningModule):
             return loss * accumulate / min(accumulate, batches - batch_idx + batch_idx % accumulate)
         return loss
 
-    def _step_loss(self, prompts: list[str], index: Tensor, step: int, log: bool = False,
-                   processes: int = 1) -> Tensor:
-        """The loss of one optimisation step of these prompts (`step`: the epoch, for fresh noise); `processes`
-        renders the same number of images in this step (counted in the compute record)."""
+    def _step_loss(self, prompts: list[str], index: Tensor, step: int,
+                   processes: int = 1) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of one optimisation step of these prompts (`step`: the epoch, for fresh noise), and each
+        prompt's reward, conformity penalty, loss and reward components (detached, (B,) each); `processes` renders
+        the same number of images in this step (counted in the compute record)."""
         prefix, suffix = self.token_vectors(self._set_ids(index))
         n_seeds = len(self.seeds.train)
         seeds = self.seeds.for_items(index.tolist(), step)
@@ -424,19 +433,11 @@ class IPGOModule(L.LightningModule):
         if self.best is not None:
             self.best.update(index, reward, self._components(rewards), prefix, suffix, self._combine)
         self.compute["images_rendered"] += len(prompts) * n_seeds * processes
-        if log:  # averaged over all processes' prompts; one point per epoch (prompt-wise, an epoch is one step of
-            # every prompt: per-batch points would zig-zag between prompt groups; prompt-batch, a batch is part of
-            # an update when gradients accumulate: see on_before_optimizer_step for the per-update reward)
-            per = {"batch_size": len(prompts), "on_step": False, "on_epoch": True, "sync_dist": True}
-            if not self.prompt_wise:
-                self._update_rewards.append(reward.detach())
-            self.log("train/reward", reward.mean(), prog_bar=True, **per)
-            self.log("train/conformity", penalty.mean(), **per)
-            if isinstance(self.reward, CombinedReward):
-                for name, scores in self.reward.components.items():
-                    self.log(f"train/{name}", scores.mean(), **per)
-            self.log("train/loss", losses.mean(), **per)
-        return loss
+        metrics = {"reward": reward.detach(), "conformity": penalty.detach(), "loss": losses.detach()}
+        if isinstance(self.reward, CombinedReward):
+            for name, scores in self.reward.components.items():
+                metrics[name] = scores.detach().float().view(len(prompts), n_seeds).mean(dim=1)
+        return loss, metrics
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """Prompt-wise optimisation of one batch of prompts from the first step to the last.
@@ -456,10 +457,13 @@ class IPGOModule(L.LightningModule):
         with torch.enable_grad():
             for step in range(self.trainer.max_epochs):
                 optimizer.zero_grad()
-                self._step_loss(prompts, index, step).backward()
+                loss, metrics = self._step_loss(prompts, index, step)
+                loss.backward()
+                self._record_step(index, step, metrics)
                 self._check_finite_gradients(step)
-                if self.grad_clip is not None:
-                    self.tokens.clip_grad_norm_per_set_(self.grad_clip)
+                if self.grad_clip is not None:  # the norms come in the order of the sets
+                    norms = self.tokens.clip_grad_norm_per_set_(self.grad_clip)
+                    self._record_step(index.sort().values, step, {"grad_norm": norms})
                 optimizer.step()
                 self.tokens.project_()
                 if schedule is not None:
@@ -472,9 +476,31 @@ class IPGOModule(L.LightningModule):
     def on_predict_start(self) -> None:
         self._fit_started = time.perf_counter()
         self._predicted: list[int] = []
+        self._step_metrics: dict[str, Tensor] = {}  # name -> (prompts, steps): each prompt's value at each step
+
+    def _record_step(self, index: Tensor, step: int, metrics: dict[str, Tensor]) -> None:
+        for name, values in metrics.items():
+            if name not in self._step_metrics:
+                self._step_metrics[name] = torch.zeros(len(self.prompts), self.trainer.max_epochs, device=self.device)
+            self._step_metrics[name][index.to(self.device), step] = values.float()
+
+    def _log_steps(self) -> None:
+        """The multi-process path's training metrics, as `fit` logs them: at each step, the mean over all prompts
+        (a prompt repeated to pad a process's share counts once)."""
+        seen = torch.zeros(len(self.prompts), device=self.device)
+        seen[torch.tensor(self._predicted, dtype=torch.long, device=self.device)] = 1.0
+        seen = self.trainer.strategy.reduce(seen, reduce_op="sum")
+        means = {name: (self.trainer.strategy.reduce(values, reduce_op="sum")[seen > 0]
+                        / seen[seen > 0, None]).mean(dim=0) for name, values in self._step_metrics.items()}
+        for logger in self.loggers:  # Lightning's loggers write on rank 0 only
+            for step in range(self.trainer.max_epochs):
+                logger.log_metrics({f"train/{name}": float(m[step]) for name, m in means.items()} | {"epoch": step},
+                                   step=step)
+            logger.save()
 
     def on_predict_end(self) -> None:
         """Each rank writes its prompts' tokens to a shard; rank 0 merges them and writes the run's outputs."""
+        self._log_steps()
         run_dir = Path(self.trainer.default_root_dir)
         mine = set(self._predicted)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()

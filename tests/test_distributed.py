@@ -36,6 +36,15 @@ def test_two_process_prompt_wise_equals_one_process(tmp_path, ipgo_cache):
     for key in ("prefix", "suffix"):
         assert (one[key] - two[key]).abs().max() < 1e-5  # every prompt, whichever rank optimised it
     assert (tmp_path / "two/summary.md").is_file() and (tmp_path / "two/before_after.png").is_file()
+    # the training curves too: at each step the mean over the 3 prompts, prompt 0 (padding rank 1's share) once
+    assert logged(tmp_path / "two", "train/reward") == pytest.approx(logged(tmp_path / "one", "train/reward"),
+                                                                     abs=1e-5)
+    assert len(logged(tmp_path / "one", "train/reward")) == 3
+
+
+def logged(run: Path, key: str) -> list[float]:
+    rows = list(csv.DictReader((run / "csv/version_0/metrics.csv").open()))
+    return [float(row[key]) for row in rows if row.get(key)]
 
 
 @pytest.mark.slow
@@ -62,10 +71,5 @@ def test_two_process_prompt_batch_equals_one_process_with_both_shares(tmp_path, 
                 for run in ("one", "two")]
     assert [c["sampler_calls_per_prompt"] for c in computes] == [2, 2]  # best-of-N's budget: both ranks' renders
     assert [c["processes"] for c in computes] == [1, 2]
-
-    def val_rewards(run: Path) -> list[float]:
-        rows = list(csv.DictReader((run / "csv/version_0/metrics.csv").open()))
-        return [float(row["val/reward"]) for row in rows if row.get("val/reward")]
-
-    assert len(val_rewards(tmp_path / "one")) == 2
-    assert val_rewards(tmp_path / "two") == pytest.approx(val_rewards(tmp_path / "one"), abs=1e-5)
+    assert len(logged(tmp_path / "one", "val/reward")) == 2
+    assert logged(tmp_path / "two", "val/reward") == pytest.approx(logged(tmp_path / "one", "val/reward"), abs=1e-5)

@@ -93,7 +93,7 @@ def test_the_conformity_penalty_is_in_the_loss_and_its_gradient(tiny_sd_dir, tin
     for weight in (0.0, 3.0):
         module.conformity_weight = weight
         module.tokens.zero_grad()
-        loss = module._step_loss(PROMPTS, index, step=0)
+        loss, _ = module._step_loss(PROMPTS, index, step=0)
         loss.backward()
         losses[weight], grads[weight] = loss.detach(), [q.grad.clone() for q in module.tokens.parameters()]
     module.tokens.zero_grad()
@@ -452,3 +452,34 @@ def test_the_multi_process_path_steps_each_batch_alone(tiny_sd_dir, tiny_clip_di
     trainer.predict(module, datamodule=PromptDataModule(prompt_file(tmp_path), batch_size=1), return_predictions=False)
     assert with_gradients == [[0], [0], [1], [1], [2], [2]]
     assert (tmp_path / "tokens.safetensors").is_file()
+
+
+def test_the_multi_process_path_logs_what_fit_logs(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    """`trainer.predict` logs, for each step, the mean over all prompts of the reward, penalty, loss, gradient norm
+    and reward components: the same curves as a single-process `fit` of the same prompts."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    def logged(run_dir, predict):
+        module = make_module(tiny_sd_dir, tiny_clip_dir)
+        clip_score = ClipScore(str(tiny_clip_dir))
+        module.reward = CombinedReward([RewardTerm(clip_score), RewardTerm(clip_score, weight=0.5)])
+        trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=CSVLogger(str(run_dir), name="", version=""),
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=str(run_dir), inference_mode=False)
+        data = PromptDataModule(prompt_file(tmp_path), batch_size=2)
+        if predict:
+            trainer.predict(module, datamodule=data, return_predictions=False)
+        else:
+            trainer.fit(module, datamodule=data)
+        with open(run_dir / "metrics.csv") as f:
+            rows = [row for row in csv.DictReader(f) if row.get("train/reward")]
+        return {key: [float(row[key]) for row in rows] for key in rows[0] if key.startswith("train/")}
+
+    fitted, predicted = logged(tmp_path / "fit", predict=False), logged(tmp_path / "predict", predict=True)
+    assert sorted(predicted) == sorted(fitted) == ["train/clip_score", "train/clip_score_2", "train/conformity",
+                                                   "train/grad_norm", "train/loss", "train/reward"]
+    for key, values in fitted.items():
+        assert len(values) == 3
+        torch.testing.assert_close(torch.tensor(predicted[key]), torch.tensor(values), atol=1e-5, rtol=1e-5)
