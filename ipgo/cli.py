@@ -87,6 +87,10 @@ class SuggestingParser(LightningArgumentParser):
                 message += f" (did you mean {parent}.{nearest[0]}?)"
         super().error(message, ex)
 
+    def format_usage(self) -> str:
+        # argparse's usage lists every option (about 80 lines here) above an error; --help still lists them all
+        return f"usage: {self.prog} [-h] [-c CONFIG] [--SECTION.KEY VALUE ...]\n"
+
 
 class IPGOCLI(LightningCLI):
     """LightningCLI with ipgo's run-folder conventions and a `--ckpt_path` to resume."""

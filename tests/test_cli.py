@@ -87,7 +87,13 @@ def test_a_misspelt_key_gets_the_nearest_known_one(tmp_path, capsys):
     ]:
         with pytest.raises(SystemExit):
             main(["--config", "configs/tiny.yaml", *args])
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err
+        assert "\nusage: python -m ipgo.fit [-h] [-c CONFIG] [--SECTION.KEY VALUE ...]\ntip: " in "\n" + err
+        assert "--trainer.accelerator" not in err  # not every option above the error
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--trainer.max_epochs" in capsys.readouterr().out  # the full list stays in --help
 
 
 def test_any_key_can_be_overridden(capsys):
