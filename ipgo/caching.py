@@ -13,17 +13,14 @@ def cached(cache: dict[Key, Value], keys: Sequence[Key], compute: Callable[[list
            limit: int) -> list[Value]:
     """The values of `keys`, computing the missing ones in one call of `compute`.
 
-    Beyond `limit` entries the oldest are dropped, never one of this call's keys, so a batch
-    always gets all its values however full the cache is.
+    New values are kept while the cache holds fewer than `limit`; beyond that they are computed and
+    returned, not kept. Training visits every prompt once an epoch, so with more prompts than fit,
+    keeping the first ones still saves their encoding each epoch, where dropping the oldest to make
+    room would miss every prompt.
     """
     wanted = list(dict.fromkeys(keys))
     missing = [key for key in wanted if key not in cache]
-    if missing:
-        cache.update(zip(missing, compute(missing), strict=True))
-    values = [cache[key] for key in keys]
-    excess = len(cache) - limit
-    if excess > 0:
-        keep = set(wanted)
-        for key in [key for key in cache if key not in keep][:excess]:
-            del cache[key]
-    return values
+    computed = dict(zip(missing, compute(missing), strict=True)) if missing else {}
+    for key in missing[: max(0, limit - len(cache))]:
+        cache[key] = computed[key]
+    return [cache[key] if key in cache else computed[key] for key in keys]

@@ -50,7 +50,8 @@ def test_encode_caches_and_applies_the_too_long_policy(tiny_backbone):
 
 
 def test_the_prompt_cache_stays_bounded_and_serves_every_batch():
-    """Once full, the oldest entries go; a batch mixing cached and new keys still gets all its values."""
+    """Once full, new keys are computed but not kept; a batch mixing cached and new keys still gets all its values,
+    and epochs over more prompts than fit still find the first ones cached."""
     from ipgo.caching import cached
 
     cache: dict[str, int] = {}
@@ -63,7 +64,12 @@ def test_the_prompt_cache_stays_bounded_and_serves_every_batch():
     assert cached(cache, ["a", "bb", "ccc"], compute, limit=4) == [1, 2, 3]
     assert cached(cache, ["a", "dddd", "eeeee", "a"], compute, limit=4) == [1, 4, 5, 1]
     assert computed == [["a", "bb", "ccc"], ["dddd", "eeeee"]]
-    assert list(cache) == ["a", "ccc", "dddd", "eeeee"]  # "bb", the oldest not in the batch, made room
+    assert list(cache) == ["a", "bb", "ccc", "dddd"]  # full: "eeeee" was computed, not kept
+    computed.clear()
+    for _ in range(2):  # two more epochs over the five keys, two at a time
+        for batch in (["a", "bb"], ["ccc", "dddd"], ["eeeee"]):
+            assert cached(cache, batch, compute, limit=4) == [len(key) for key in batch]
+    assert computed == [["eeeee"], ["eeeee"]]  # only the key that did not fit, once an epoch
 
 
 def test_the_prompt_cache_holds_fewer_wide_states(tiny_backbone, monkeypatch):
