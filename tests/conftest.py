@@ -11,6 +11,18 @@ import pytest  # noqa: E402
 from ipgo.testing import tiny_aesthetic_head_path, tiny_clip_path, tiny_sd_path  # noqa: E402
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` are skipped where CUDA is not available (CI, the development machines)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def ipgo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache root for the whole session."""
