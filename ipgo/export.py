@@ -156,6 +156,8 @@ def starting_tokens(tokens: TokenFile, prompts: Sequence[str]) -> TokenFile:
 
 def save_tokens(path: str | os.PathLike, tokens: TokenFile) -> Path:
     """Write a token file atomically."""
+    from ipgo import __version__
+
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -171,6 +173,7 @@ def save_tokens(path: str | os.PathLike, tokens: TokenFile) -> Path:
         "n_suffix": str(tokens.suffix.shape[-2]),
         **tokens.extra,
         **({"t5_states": "kept"} if tokens.family == "sd3" else {}),  # see load_tokens
+        "ipgo_version": __version__,  # of the writer
     }
     tensors = {
         "prefix": tokens.prefix.detach().float().cpu().contiguous(),

@@ -817,8 +817,6 @@ class IPGOModule(L.LightningModule):
         """String metadata recorded in token files."""
         import json
 
-        from ipgo import __version__
-
         # SD 3's T5 length sets the conditioning's length: a pipeline must rebuild it the same way
         t5_length = getattr(self.backbone, "max_sequence_length", None)
         return {
@@ -834,7 +832,6 @@ class IPGOModule(L.LightningModule):
             "select": self.select if self.prompt_wise else "last",
             "weights_fingerprint": json.dumps(self.backbone.weights_fingerprint()),  # see TokenFile.check_fits
             "text_encoders": json.dumps(self.backbone.text_encoders()),  # likewise
-            "ipgo_version": __version__,
         }
 
 

@@ -280,6 +280,7 @@ def test_token_files_of_earlier_versions_keep_their_prompts_in_the_metadata(tmp_
     path = save_tokens(tmp_path / "new.safetensors", tokens)
     with safe_open(str(path), "pt") as handle:
         metadata = {**handle.metadata(), "prompts": json.dumps(tokens.prompts), "format_version": "1"}
+    assert metadata["ipgo_version"] == ipgo.__version__  # the writer's, in any file save_tokens writes
     save_file({"prefix": tokens.prefix, "suffix": tokens.suffix}, str(tmp_path / "old.safetensors"), metadata=metadata)
     assert load_tokens(path).prompts == load_tokens(tmp_path / "old.safetensors").prompts == tokens.prompts
 
