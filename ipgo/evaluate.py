@@ -16,8 +16,8 @@ once against N renders at each of S seeds. IPGO's backward passes through K step
 counted; at S > 1 seeds the match favours best-of-N.
 
 `metrics.json` (schema_version 2):
-    settings: prompts, seeds, rewards, selection_reward, best_of_n, best_of_n_matches_compute, bootstrap,
-              tie_tolerance
+    settings: prompts, seeds, rewards, reward_weights ({reward: where its weights come from}),
+              selection_reward, best_of_n, best_of_n_matches_compute, bootstrap, tie_tolerance
     methods: {name: {kind: raw|ipgo|start|best_of_n, tokens, compute (fit_seconds, peak_memory_bytes,
               memory_kind, device, processes, sampler_calls_per_prompt), flags,
               rewards: {reward: {n, mean, stderr, wins, ties, losses, win_rate, win_rate_ci}}}}
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -226,20 +227,9 @@ def evaluate(
     reward = build_reward(rewards)
     settings = sampler_settings(first)
     reward.check(prompt_list, settings["height"], settings["width"])
-    optimised = json.loads(first.extra.get("rewards", "[]"))
     n = _candidates(best_of_n, first)
     matched = n > 0 and n == _matched_or_none(first)
-    if n and selection_reward is None and len(optimised) > 1:
-        raise UserError(
-            f"the run optimised a combination of rewards ({', '.join(optimised)}); best-of-N selects with one: "
-            "set --selection_reward NAME"
-        )
-    selector = selection_reward or (optimised[0] if optimised else None)
-    if n and selector not in reward.names:
-        raise UserError(
-            f"best-of-N selects with the optimised reward {selector!r}, which is not among the rewards "
-            f"scored ({', '.join(reward.names)}): add it to --rewards or set --selection_reward"
-        )
+    selector = _selector(selection_reward, first, reward) if n else None
     pipeline_config(first, model)  # the model exists and is of the tokens' family (all methods share it)
     for tokens in token_files.values():
         check_prompts_fit(tokens, prompt_list, model)
@@ -266,6 +256,8 @@ def evaluate(
 
     metrics = _metrics(named, token_files, scores, flags, prompt_list, seed_list, chosen, tie_tolerance, bootstrap)
     metrics["settings"] = {"prompts": prompt_list, "seeds": seed_list, "rewards": list(reward.names),
+                           "reward_weights": {name: term.reward.weights for name, term in zip(reward.names,
+                                                                                              reward.terms)},
                            "selection_reward": selector if n else None, "best_of_n": n,
                            "best_of_n_matches_compute": matched, "bootstrap": bootstrap,
                            "tie_tolerance": tie_tolerance}
@@ -294,6 +286,37 @@ def _earlier_grids(out: Path) -> set[Path]:
         return set()
     return {out / f"grid_{name}.png" for name in methods if name != "raw" and "/" not in name} if isinstance(
         methods, dict) else set()
+
+
+def _selector(selection_reward: str | None, tokens: TokenFile, reward: CombinedReward) -> str:
+    """The scored reward best-of-N selects with: the one given, or the one the run optimised, with the same weights
+    where the token file records them (a held-out judge of the same kind, another CLIP say, is never picked)."""
+    if selection_reward is not None:
+        if selection_reward not in reward.names:
+            raise UserError(f"--selection_reward {selection_reward}: not among the rewards scored "
+                            f"({', '.join(reward.names)})")
+        return selection_reward
+    optimised = json.loads(tokens.extra.get("rewards", "[]"))
+    if len(optimised) != 1:
+        what = f"a combination of rewards ({', '.join(optimised)})" if optimised else "no recorded reward"
+        raise UserError(f"the run optimised {what}; best-of-N selects with one: set --selection_reward NAME")
+    kind = re.sub(r"_\d+$", "", optimised[0])  # a combination names a second reward of one kind clip_score_2
+    weights = json.loads(tokens.extra.get("reward_weights", "{}")).get(optimised[0])
+    same_kind = {name: term.reward.weights for name, term in zip(reward.names, reward.terms)
+                 if term.reward.name == kind}
+    same = [name for name, scored in same_kind.items() if weights is None or scored == weights]
+    if not same_kind:
+        raise UserError(f"best-of-N selects with the optimised reward {kind!r}, which is not among the rewards scored "
+                        f"({', '.join(reward.names)}): add it to --rewards or set --selection_reward")
+    if not same:
+        scored = "; ".join(f"{name}: {source}" for name, source in same_kind.items())
+        raise UserError(f"best-of-N selects with the reward the run optimised, {kind} with weights {weights}, but "
+                        f"--rewards scores {kind} with other weights ({scored}): add {kind} with the run's weights "
+                        "to --rewards, or choose the selector with --selection_reward")
+    if weights is None and len(same) > 1:
+        raise UserError(f"--rewards scores {kind} more than once ({', '.join(same)}) and the token file does not "
+                        "record which weights the run optimised: choose the selector with --selection_reward")
+    return same[0]
 
 
 def _matched_or_none(tokens: TokenFile) -> int | None:
@@ -469,8 +492,9 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         lines.append(f"best_of_{settings['best_of_n']}: the raw prompt's best of {settings['best_of_n']} samples "
                      f"by `{settings['selection_reward']}` ({matching}), its own seed's image among them.")
     for reward in settings["rewards"]:
-        lines += ["", f"## {reward}", "", "| method | mean ± s.e. | wins / ties / losses | win rate [95% CI] |",
-                  "|---|---:|---:|---:|"]
+        weights = settings.get("reward_weights", {}).get(reward)
+        lines += ["", f"## {reward}", "", *([f"Weights: `{weights}`", ""] if weights else []),
+                  "| method | mean ± s.e. | wins / ties / losses | win rate [95% CI] |", "|---|---:|---:|---:|"]
         for method, entry in metrics["methods"].items():
             stats = entry["rewards"][reward]
             stderr = "—" if stats["stderr"] is None else f"{stats['stderr']:.4f}"

@@ -807,11 +807,13 @@ class IPGOModule(L.LightningModule):
             extra=self.metadata(),
         )
 
-    def optimised_rewards(self) -> list[str]:
-        """The rewards the tokens were optimised for: a combination's terms of weight 0 are only logged."""
+    def optimised_rewards(self) -> dict[str, str]:
+        """The rewards the tokens were optimised for, by name, with where their weights come from (`Reward.weights`):
+        a combination's terms of weight 0 are only logged."""
         if not isinstance(self.reward, CombinedReward):
-            return [self.reward.name]
-        return [name for name, term in zip(self.reward.names, self.reward.terms) if term.weight != 0]
+            return {self.reward.name: self.reward.weights}
+        return {name: term.reward.weights for name, term in zip(self.reward.names, self.reward.terms)
+                if term.weight != 0}
 
     def metadata(self) -> dict[str, str]:
         """String metadata recorded in token files."""
@@ -824,7 +826,8 @@ class IPGOModule(L.LightningModule):
             # the weights trained on, which generate and evaluate load again
             **{key: value for key in ("revision", "variant") if (value := getattr(self.backbone, key, None))},
             "dtype": self.backbone.dtype_name,  # generate and evaluate render in it too
-            "rewards": json.dumps(self.optimised_rewards()),
+            "rewards": json.dumps(list(self.optimised_rewards())),
+            "reward_weights": json.dumps(self.optimised_rewards()),  # evaluate's best-of-N selects with the same
             "compute": json.dumps(self.compute_record()),
             "sampler": json.dumps(asdict(self.sampler_config)),
             "seeds": json.dumps(asdict(self.seeds)),

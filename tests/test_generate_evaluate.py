@@ -147,6 +147,9 @@ def test_evaluate_report_win_rates_and_best_of_n(run, tmp_path, capsys, monkeypa
     report = (tmp_path / "report.md").read_text()
     assert "(N = the optimisation's sampler calls per prompt, spent at every seed)" in report
     assert "a tie counts as no win" in report and "holds the first 2 prompts, a row each: the raw prompt's" in report
+    assert metrics["settings"]["reward_weights"] == {"clip_score": "tiny:clip", "aesthetic": "tiny:aesthetic-head on "
+                                                     "tiny:clip"}
+    assert "## aesthetic\n\nWeights: `tiny:aesthetic-head on tiny:clip`\n" in report
     # ipgo_start: the run's tokens as a fresh run initialises them, rendered through the pipeline like the others
     from ipgo.tokens import TokenSets
 
@@ -493,3 +496,27 @@ def test_evaluate_overwrite_replaces_the_earlier_grids(run, tmp_path, monkeypatc
     evaluate([f"ipgo={run_dir}"], REWARDS[:1], seeds="1000", out=str(tmp_path), best_of_n="off", overwrite=True,
              starting_tokens=False)
     assert sorted(p.name for p in tmp_path.glob("grid_*.png")) == ["grid_ipgo.png", "grid_mine.png"]
+
+
+def test_best_of_n_selects_with_the_reward_the_run_optimised(run, tmp_path):
+    """The token file records the optimised reward's weights: a held-out judge of the same kind (clip_score on
+    another CLIP) is never taken for it, whatever the order of --rewards."""
+    from ipgo.errors import UserError
+    from ipgo.evaluate import _selector
+    from ipgo.export import load_tokens
+    from ipgo.rewards.combine import build_reward
+
+    run_dir, _ = run
+    tokens = load_tokens(run_dir)
+    assert json.loads(tokens.extra["reward_weights"]) == {"clip_score": "tiny:clip"}
+    judge, optimised = RewardSpec("clip_score", args={"model": "tiny:shapes-clip"}), REWARDS[0]
+    assert _selector(None, tokens, build_reward([judge, optimised])) == "clip_score_2"
+    assert _selector(None, tokens, build_reward([optimised, judge])) == "clip_score"
+    assert _selector("clip_score", tokens, build_reward([judge, optimised])) == "clip_score"  # by hand: as given
+    with pytest.raises(UserError, match="clip_score with weights tiny:clip, but --rewards scores clip_score with "
+                                        "other weights \\(clip_score: tiny:shapes-clip\\)"):
+        _selector(None, tokens, build_reward([judge]))
+    tokens.extra.pop("reward_weights")  # a file of an earlier version: the name alone
+    assert _selector(None, tokens, build_reward([judge])) == "clip_score"
+    with pytest.raises(UserError, match="scores clip_score more than once \\(clip_score, clip_score_2\\)"):
+        _selector(None, tokens, build_reward([judge, optimised]))

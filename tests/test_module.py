@@ -424,6 +424,7 @@ def test_token_files_name_only_the_optimised_rewards(tiny_sd_dir, tiny_clip_dir)
                                   RewardSpec("shapes_oracle", weight=0.0)])
     module.prepare(PROMPTS[:1])
     assert json.loads(module.token_file().extra["rewards"]) == ["clip_score"]
+    assert json.loads(module.token_file().extra["reward_weights"]) == {"clip_score": str(tiny_clip_dir.resolve())}
 
 
 def test_input_checked_before_the_trainer_is_not_checked_again(tiny_sd_dir, tiny_clip_dir, monkeypatch):

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ipgo.backbones.base import ModelNotFoundError
 from ipgo.errors import UserError
-from ipgo.rewards.base import ClipReward
+from ipgo.rewards.base import ClipReward, weights_source
 from ipgo.testing import is_tiny, resolve_source
 
 _HEAD_HINT = (
@@ -108,6 +108,10 @@ class Aesthetic(ClipReward):
                 raise ModelNotFoundError(f"Aesthetic head {str(path)!r} is not a file. {_HEAD_HINT}")
             self.head_path = str(path)
         self.head: AestheticHead | None = None
+
+    @property
+    def weights(self) -> str:
+        return f"{weights_source(self.head_path)} on {weights_source(self.clip_model)}"
 
     def _load(self) -> None:
         state = load_head_state(resolve_source(self.head_path))  # cheap, so a broken file fails before CLIP loads

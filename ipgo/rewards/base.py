@@ -51,6 +51,12 @@ class Reward(nn.Module):
         self._text_cache: dict[str, Tensor] = {}
 
     @property
+    def weights(self) -> str:
+        """Where the reward's weights come from (Hub ids, local paths made absolute), which tells two rewards of
+        one name apart; empty for a reward without weights."""
+        return ""
+
+    @property
     def loaded(self) -> bool:
         """Whether ``load()`` has run."""
         return self._loaded
@@ -123,6 +129,10 @@ class ClipReward(Reward):
     crop_rounding: ClassVar[Literal["down", "nearest"]] = "down"
     """How the centre crop's offset rounds: down as CLIPImageProcessor, or to nearest as torchvision's CenterCrop
     (the preprocessing of the original OpenAI CLIP)."""
+
+    @property
+    def weights(self) -> str:
+        return weights_source(self.clip_model)
 
     def _load(self) -> None:
         self.clip, processor, self.tokenizer = load_clip(self.clip_model)
@@ -233,6 +243,11 @@ def looks_local(source: str | os.PathLike) -> bool:
         or re.match(r"^[A-Za-z]:", text) is not None
         or Path(text).suffix.lower() in _WEIGHT_SUFFIXES
     )
+
+
+def weights_source(source: str) -> str:
+    """`source` as recorded to compare with another: a local path made absolute, a Hub or tiny id as it is."""
+    return str(Path(source).resolve()) if not is_tiny(source) and looks_local(source) else source
 
 
 def check_source(source: str | os.PathLike, what: str, hint: str = "") -> str:

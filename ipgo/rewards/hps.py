@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ipgo.backbones.base import ModelNotFoundError
 from ipgo.rewards.aesthetic import WeightsFormatError
-from ipgo.rewards.base import Reward, differentiable_preprocess
+from ipgo.rewards.base import Reward, differentiable_preprocess, weights_source
 from ipgo.testing import is_tiny, resolve_source
 
 _HPS_HINT = (
@@ -69,6 +69,10 @@ class HPSv2(Reward):
         self._size = 224
         self._mean: tuple[float, ...] = ()
         self._std: tuple[float, ...] = ()
+
+    @property
+    def weights(self) -> str:
+        return f"{weights_source(self.checkpoint)} ({self.model_name})"
 
     def _load(self) -> None:
         import open_clip

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ipgo.backbones.base import ModelNotFoundError
 from ipgo.errors import UserError
 from ipgo.rewards.aesthetic import AestheticHead, WeightsFormatError
-from ipgo.rewards.base import Reward, differentiable_preprocess, looks_local
+from ipgo.rewards.base import Reward, differentiable_preprocess, looks_local, weights_source
 from ipgo.testing import is_tiny, resolve_source
 
 if TYPE_CHECKING:
@@ -307,6 +307,10 @@ class ImageReward(Reward):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._size = 224
         self.max_length = MAX_LENGTH
+
+    @property
+    def weights(self) -> str:
+        return weights_source(self.checkpoint)
 
     def _files(self) -> tuple[Path, str | None, str]:
         """The checkpoint file, config file and tokenizer source, looking inside a folder checkpoint."""
