@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ipgo.backbones.base import portable_model_name
+from ipgo.backbones.base import portable_model_name, torch_dtype
 from ipgo.data import prompt_key, read_prompts
 from ipgo.errors import NonFiniteRewardError, UserError, reported
 from ipgo.export import TokenFile, check_prompts_fit, check_tokens, load_tokens
@@ -192,11 +192,18 @@ def evaluate(
     """
     check_batch_size(batch_size)
     check_device(device)
+    if dtype is not None:
+        torch_dtype(dtype)  # a bad name fails before any model loads
     check_output_folder(out, overwrite, "ipgo.evaluate")
     named = _parse_methods(methods)
     token_files = {name: load_tokens(path) for name, path in named.items()}
     first = next(iter(token_files.values()))
     _check_same_model(token_files)
+    trained_in = {name: t.extra.get("dtype", "float32") for name, t in token_files.items()}
+    if dtype is None and len(set(trained_in.values())) > 1:
+        listed = ", ".join(f"{name}: {d}" for name, d in trained_in.items())
+        raise UserError(f"the methods were trained in different dtypes ({listed}) and render in one pipeline: choose "
+                        "its dtype with --dtype")
     seed_list = parse_seeds(seeds)
     prompt_list = _prompts(prompts, column, token_files)
     flags: dict[str, list[str]] = {}
@@ -357,6 +364,9 @@ def _parse_methods(methods: list[str] | str) -> dict[str, str]:
         if not sep or not name or not path or name == "raw" or name.startswith("best_of_") or name.endswith("_start"):
             raise UserError(f"cannot read the method {item!r}: write NAME=PATH (NAME not 'raw', 'best_of_*' or "
                             "'*_start', which name the baselines)")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+            raise UserError(f"the method name {name!r} names its grid file grid_<name>.png: use letters, digits and "
+                            "_ . + - only")
         if name in named:
             raise UserError(f"the method name {name!r} is given twice")
         named[name] = path

@@ -319,6 +319,9 @@ def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tm
     tokens.extra.pop("revision")
     tokens.extra["max_sequence_length"] = "128"  # an SD 3 T5 length (a setting the raw prompt renders with too)
     longer = save_tokens(tmp_path / "longer.safetensors", tokens)
+    tokens.extra.pop("max_sequence_length")
+    tokens.extra["dtype"] = "bfloat16"
+    bf16 = save_tokens(tmp_path / "bf16.safetensors", tokens)
 
     def no_loading(self):
         raise AssertionError("a reward loaded before the input was checked")
@@ -334,6 +337,9 @@ def test_evaluate_checks_its_input_before_loading_and_refuses_nan_scores(run, tm
         (dict(methods=[f"ipgo={run_dir}"], tie_tolerance=-0.1), "tie_tolerance=-0.1: give a finite score difference"),
         (dict(methods=[f"ipgo={run_dir}", f"other={longer}"]), "different sampler settings .*max_sequence_length"),
         (dict(methods=[f"ipgo={run_dir}"], best_of_n="many"), "best_of_n='many'"),
+        (dict(methods=[f"ipgo={run_dir}"], dtype="fp16"), "unknown dtype 'fp16'"),
+        (dict(methods=[f"../x={run_dir}"]), "method name '../x' names its grid file"),
+        (dict(methods=[f"ipgo={run_dir}", f"other={bf16}"]), "different dtypes \\(ipgo: float32, other: bfloat16\\)"),
         (dict(methods=[f"ipgo={run_dir}"], best_of_n=1), "best_of_n=1 would pick the raw prompt's own image"),
         (dict(methods=[f"ipgo={combined}"]), "combination of rewards .* set --selection_reward"),
         (dict(methods=[f"ipgo={run_dir}"], selection_reward="aesthetic"), "not among the rewards scored"),
