@@ -63,13 +63,11 @@ from ipgo.generate import (
     render,
     sampler_settings,
 )
-from ipgo.report import as_uint8, save_before_after
+from ipgo.report import GRID_PROMPTS, as_uint8, save_before_after
 from ipgo.rewards.combine import CombinedReward, RewardSpec, build_reward
 
 BEST_OF_N_SEEDS = 2**30
 """Candidate seeds of best-of-N start here, far from training and evaluation seeds."""
-GRID_PROMPTS = 16
-"""The grids show the first 16 prompts (every prompt is scored); renders are scored this many prompts at a time."""
 
 
 def candidate_seeds(seed: int, n: int) -> list[int]:

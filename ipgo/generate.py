@@ -5,14 +5,16 @@
 The pipeline is the family's ordinary diffusers pipeline with the token file applied
 (`ipgo.apply_tokens`): the path a user takes, and the single source of truth for evaluation.
 Scheduler, steps, guidance and size are the ones the tokens were trained with (from the
-file's metadata). Writes `raw/` and `tuned/` PNGs, `grid.png` (a row per prompt: raw seeds,
-then tuned seeds) and `images.json`.
+file's metadata). Writes `raw/` and `tuned/` PNGs, `grid.png` (a row per prompt for the first
+16 prompts: raw seeds, then tuned seeds) and `images.json`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ from ipgo.export import (
     remove_tokens,
 )
 from ipgo.files import atomic_path, check_output_folder, write_text
-from ipgo.report import as_uint8, progress_bar, save_before_after
+from ipgo.report import GRID_PROMPTS, as_uint8, progress_bar, save_before_after
 from ipgo.sampling import make_scheduler
 
 MAX_SEED = 2**32
@@ -177,7 +179,9 @@ def load_pipeline(tokens: TokenFile, model: str | None = None, device: str = "cp
 
 @dataclass
 class Renders:
-    """Images (prompts, seeds, 3, H, W) in [0, 1] of the raw and the tuned prompts."""
+    """The prompts and seeds rendered, and the images (shown, seeds, 3, H, W) in [0, 1] of the raw and the tuned
+    prompts for the first `shown` = min(GRID_PROMPTS, len(prompts)) prompts, those of grid.png (every image is
+    written as a PNG; all of them would not fit in memory for a large prompt set at 1024 px)."""
 
     prompts: list[str]
     seeds: list[int]
@@ -229,29 +233,29 @@ def render(pipe: Any, tokens: TokenFile, prompts: Sequence[str], seeds: Sequence
     return torch.stack(rows)
 
 
+STAGING = ".ipgo-writing"
+"""The folder in `out` that holds a run's PNGs until all are rendered."""
+
+
 def render_file(kind: str, index: int, seed: int) -> str:
-    """Where `save_renders` writes an image, relative to the output folder."""
+    """Where `generate` writes an image, relative to the output folder."""
     return f"{kind}/{index:04d}_seed{seed}.png"
 
 
-def save_renders(renders: Renders, out: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write PNGs, the side-by-side grid and `images.json`; returns the manifest."""
+def save_pngs(images: Tensor, kind: str, first: int, prompts: Sequence[str], seeds: Sequence[int],
+              out: Path) -> list[dict[str, Any]]:
+    """Write renders (prompts, seeds, 3, H, W) of prompts number `first`... as `render_file`s under `out`; returns
+    their manifest entries."""
     from PIL import Image
 
-    files: list[dict[str, Any]] = []
-    for kind, images in (("raw", renders.raw), ("tuned", renders.tuned)):
-        for i, prompt in enumerate(renders.prompts):
-            for j, seed in enumerate(renders.seeds):
-                path = out / render_file(kind, i, seed)
-                array = as_uint8(images[i, j].permute(1, 2, 0)).numpy()
-                with atomic_path(path) as tmp:
-                    Image.fromarray(array).save(tmp, format="PNG")
-                files.append({"kind": kind, "prompt": prompt, "seed": seed, "file": str(path.relative_to(out))})
-    save_before_after(renders.raw, renders.tuned, out / "grid.png")
-    manifest = {"prompts": renders.prompts, "seeds": renders.seeds, "images": files, "grid": "grid.png",
-                **(extra or {})}
-    write_text(out / "images.json", json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    files = []
+    for i, prompt in enumerate(prompts):
+        for j, seed in enumerate(seeds):
+            file = render_file(kind, first + i, seed)
+            with atomic_path(out / file) as tmp:
+                Image.fromarray(as_uint8(images[i, j].permute(1, 2, 0)).numpy()).save(tmp, format="PNG")
+            files.append({"kind": kind, "prompt": prompt, "seed": seed, "file": file})
+    return files
 
 
 def earlier_renders(out: Path) -> list[Path]:
@@ -323,21 +327,43 @@ def generate(
     check_prompts_fit(token_file, prompt_list, model)
     pipe = load_pipeline(token_file, model, device, dtype)
     check_tokens(pipe, token_file)
-    with progress_bar(2 * len(prompt_list) * len(seed_list), "ipgo.generate") as progress:
-        renders = Renders(prompt_list, seed_list,
-                          render(pipe, token_file, prompt_list, seed_list, False, progress, batch_size),
-                          render(pipe, token_file, prompt_list, seed_list, True, progress, batch_size))
+    # The PNGs go to a staging folder as they are rendered and into place once all are: a run that fails part-way
+    # leaves an earlier run's images as they were.
+    out_dir = Path(out)
+    staging = out_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    files: list[dict[str, Any]] = []
+    try:
+        with progress_bar(2 * len(prompt_list) * len(seed_list), "ipgo.generate") as progress:
+            for first in range(0, len(prompt_list), GRID_PROMPTS):
+                chunk = prompt_list[first : first + GRID_PROMPTS]
+                raw = render(pipe, token_file, chunk, seed_list, False, progress, batch_size)
+                tuned = render(pipe, token_file, chunk, seed_list, True, progress, batch_size)
+                files += save_pngs(raw, "raw", first, chunk, seed_list, staging)
+                files += save_pngs(tuned, "tuned", first, chunk, seed_list, staging)
+                if first == 0:
+                    renders = Renders(prompt_list, seed_list, raw, tuned)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    files.sort(key=lambda entry: entry["kind"] != "raw")  # raw, then tuned, each in prompt order
     # Before any image is replaced: the earlier ones not rewritten go, and the manifest lists, without labels, the
     # files this run writes. A write that fails part-way then leaves no manifest that names new images as old
     # ones, and the next run still finds every file to remove.
-    files = [render_file(kind, i, seed) for kind in ("raw", "tuned") for i in range(len(prompt_list))
-             for seed in seed_list]
-    for path in set(earlier) - {(Path(out) / file).resolve() for file in files}:
+    for path in set(earlier) - {(out_dir / entry["file"]).resolve() for entry in files}:
         path.unlink(missing_ok=True)
-    write_text(Path(out) / "images.json", json.dumps({"writing": True, "images": [{"file": f} for f in files]}) + "\n")
-    save_renders(renders, Path(out), {"tokens": str(tokens), "model": model or token_file.base_model,
-                                      "dtype": str(pipe.dtype).removeprefix("torch."), "training_seeds_used": flagged})
-    print(f"wrote {len(prompt_list) * len(seed_list) * 2} images and grid.png to {out}")
+    write_text(out_dir / "images.json", json.dumps({"writing": True, "images": [{"file": entry["file"]}
+                                                                                for entry in files]}) + "\n")
+    for entry in files:
+        (out_dir / entry["file"]).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / entry["file"], out_dir / entry["file"])
+    shutil.rmtree(staging)
+    save_before_after(renders.raw, renders.tuned, out_dir / "grid.png")
+    manifest = {"prompts": prompt_list, "seeds": seed_list, "images": files, "grid": "grid.png",
+                "tokens": str(tokens), "model": model or token_file.base_model,
+                "dtype": str(pipe.dtype).removeprefix("torch."), "training_seeds_used": flagged}
+    write_text(out_dir / "images.json", json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {len(files)} images and grid.png to {out}")
     return renders
 
 

@@ -28,6 +28,11 @@ def progress_bar(total: int, command: str, disable: bool = False) -> tqdm:
     return tqdm(total=total, desc=command, unit="image", dynamic_ncols=True, disable=disable)
 
 
+GRID_PROMPTS = 16
+"""Grids show the first 16 prompts; `generate` and `evaluate` render (and score) this many prompts at a time, so
+a large prompt set's images never all sit in memory."""
+
+
 def as_uint8(images: Tensor) -> Tensor:
     """Images in [0, 1] as 0-255, rounded as every PNG ipgo writes is (stored this way, a grid does not change)."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)

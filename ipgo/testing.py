@@ -207,6 +207,7 @@ def _build_sdxl(path: Path) -> None:
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_SDXL_TEXT)), tokenizer=clip_tokenizer(),
         tokenizer_2=_pad_bang_tokenizer(), unet=UNet2DConditionModel(**_SDXL_UNET),
         scheduler=EulerDiscreteScheduler.from_config(dict(_SDXL_SCHEDULER)),
+        add_watermarker=False,  # not saved; building never needs invisible-watermark, installed or not
     ).save_pretrained(path)
 
 

@@ -89,6 +89,48 @@ def test_generate_matches_the_modules_render(run, tmp_path, capsys, monkeypatch)
     assert stat.S_IMODE((run_dir / "tokens.safetensors").stat().st_mode) == 0o666 & ~umask  # readable as any output
 
 
+def test_generate_renders_a_few_prompts_at_a_time_and_replaces_images_only_once_all_are_rendered(run, tmp_path,
+                                                                                                  monkeypatch):
+    """Rendered GRID_PROMPTS prompts at a time (here 1), the PNGs are those of one pass and the grid and returned
+    images hold the first prompts only. A rerun that fails part-way leaves the earlier images and manifest as they
+    were, and no staging folder behind."""
+    import numpy as np
+    from PIL import Image
+
+    import ipgo.generate
+
+    run_dir, _ = run
+    whole = generate(str(run_dir), seeds="1000,1001", out=str(tmp_path / "whole"))
+    monkeypatch.setattr("ipgo.generate.GRID_PROMPTS", 1)
+    chunked = generate(str(run_dir), seeds="1000,1001", out=str(tmp_path / "chunked"))
+    assert chunked.prompts == whole.prompts and len(whole.prompts) == 2
+    assert chunked.raw.shape[0] == 1 and torch.equal(chunked.tuned, whole.tuned[:1])
+    manifests = [json.loads((tmp_path / run / "images.json").read_text()) for run in ("whole", "chunked")]
+    assert manifests[0]["images"] == manifests[1]["images"] and len(manifests[0]["images"]) == 8
+    for entry in manifests[0]["images"]:
+        pngs = [np.asarray(Image.open(tmp_path / run / entry["file"])) for run in ("whole", "chunked")]
+        assert (pngs[0] == pngs[1]).all(), entry
+    grids = [np.asarray(Image.open(tmp_path / run / "grid.png")) for run in ("whole", "chunked")]
+    assert grids[1].shape[0] < grids[0].shape[0] and (grids[0][: grids[1].shape[0]] == grids[1]).all()
+    assert not (tmp_path / "chunked" / ipgo.generate.STAGING).exists()
+
+    before = {path: path.read_bytes() for path in (tmp_path / "chunked").rglob("*") if path.is_file()}
+    render = ipgo.generate.render
+    calls = []
+
+    def failing(*args, **kwargs):  # the second prompt's renders fail (out of memory, say)
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("CUDA out of memory")
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr("ipgo.generate.render", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        generate(str(run_dir), seeds="1002,1003", out=str(tmp_path / "chunked"), overwrite=True)
+    after = {path: path.read_bytes() for path in (tmp_path / "chunked").rglob("*") if path.is_file()}
+    assert after == before
+
+
 def test_the_readme_snippet_renders_as_training_did(run):
     """The tokens' base model with its training scheduler and dtype, called with the training settings: the image the
     run renders (a pipeline's own defaults, 50 steps at 512 px, would give another)."""
