@@ -198,7 +198,8 @@ def evaluate(
     first = next(iter(token_files.values()))
     _check_same_model(token_files)
     trained_in = {name: t.extra.get("dtype", "float32") for name, t in token_files.items()}
-    if dtype is None and len(set(trained_in.values())) > 1:
+    on_cpu = torch.device(device).type == "cpu"  # float16 renders in float32 there (see generate._recorded_dtype)
+    if dtype is None and len({"float32" if on_cpu and d == "float16" else d for d in trained_in.values()}) > 1:
         listed = ", ".join(f"{name}: {d}" for name, d in trained_in.items())
         raise UserError(f"the methods were trained in different dtypes ({listed}) and render in one pipeline: choose "
                         "its dtype with --dtype")
@@ -318,7 +319,7 @@ def _selector(selection_reward: str | None, tokens: TokenFile, reward: CombinedR
         raise UserError(f"best-of-N selects with the reward the run optimised, {kind} with weights {weights}, but "
                         f"--rewards scores {kind} with other weights ({scored}): add {kind} with the run's weights "
                         "to --rewards, or choose the selector with --selection_reward")
-    if weights is None and len(same) > 1:
+    if not weights and len(same) > 1:
         raise UserError(f"--rewards scores {kind} more than once ({', '.join(same)}) and the token file does not "
                         "record which weights the run optimised: choose the selector with --selection_reward")
     return same[0]

@@ -309,6 +309,10 @@ def generate(
     """
     check_batch_size(batch_size)
     check_device(device)
+    if (Path(out) / STAGING).is_dir():  # left by a generate that was killed: partial renders, never the user's
+        warnings.warn(f"removing {Path(out) / STAGING}: the partial renders of an ipgo.generate that did not finish",
+                      stacklevel=2)
+        shutil.rmtree(Path(out) / STAGING)
     check_output_folder(out, overwrite, "ipgo.generate")
     earlier = earlier_renders(Path(out))
     token_file = load_tokens(tokens)
@@ -331,7 +335,6 @@ def generate(
     # leaves an earlier run's images as they were.
     out_dir = Path(out)
     staging = out_dir / STAGING
-    shutil.rmtree(staging, ignore_errors=True)
     files: list[dict[str, Any]] = []
     try:
         with progress_bar(2 * len(prompt_list) * len(seed_list), "ipgo.generate") as progress:

@@ -486,7 +486,7 @@ class IPGOModule(L.LightningModule):
 
     def _log_steps(self) -> None:
         """The multi-process path's training metrics, as `fit` logs them: at each step, the mean over all prompts
-        (a prompt repeated to pad a process's share counts once)."""
+        (each prompt once, whichever process optimised it; Lightning's predict shares are not padded)."""
         seen = torch.zeros(len(self.prompts), device=self.device)
         seen[torch.tensor(self._predicted, dtype=torch.long, device=self.device)] = 1.0
         seen = self.trainer.strategy.reduce(seen, reduce_op="sum")

@@ -100,7 +100,11 @@ def test_generate_renders_a_few_prompts_at_a_time_and_replaces_images_only_once_
     import ipgo.generate
 
     run_dir, _ = run
-    whole = generate(str(run_dir), seeds="1000,1001", out=str(tmp_path / "whole"))
+    killed = tmp_path / "whole" / ipgo.generate.STAGING / "raw"  # a generate killed there left its partial renders
+    killed.mkdir(parents=True)
+    (killed / "0000_seed1000.png").write_bytes(b"partial")
+    with pytest.warns(UserWarning, match="partial renders of an ipgo.generate that did not finish"):
+        whole = generate(str(run_dir), seeds="1000,1001", out=str(tmp_path / "whole"))  # the folder counts as empty
     monkeypatch.setattr("ipgo.generate.GRID_PROMPTS", 1)
     chunked = generate(str(run_dir), seeds="1000,1001", out=str(tmp_path / "chunked"))
     assert chunked.prompts == whole.prompts and len(whole.prompts) == 2
@@ -112,7 +116,7 @@ def test_generate_renders_a_few_prompts_at_a_time_and_replaces_images_only_once_
         assert (pngs[0] == pngs[1]).all(), entry
     grids = [np.asarray(Image.open(tmp_path / run / "grid.png")) for run in ("whole", "chunked")]
     assert grids[1].shape[0] < grids[0].shape[0] and (grids[0][: grids[1].shape[0]] == grids[1]).all()
-    assert not (tmp_path / "chunked" / ipgo.generate.STAGING).exists()
+    assert not any((tmp_path / run / ipgo.generate.STAGING).exists() for run in ("whole", "chunked"))
 
     before = {path: path.read_bytes() for path in (tmp_path / "chunked").rglob("*") if path.is_file()}
     render = ipgo.generate.render

@@ -227,3 +227,18 @@ def test_load_follows_device_and_dtype(tiny_clip_dir: Path, images: torch.Tensor
     assert reward.clip.dtype == torch.float64
     assert reward(images, PROMPTS).dtype == torch.float32
     assert not any(k.startswith("_where") for k in reward.state_dict())
+
+
+def test_a_rewards_weights_name_what_from_pretrained_reads(tmp_path, monkeypatch):
+    """Recorded in token files to match evaluate's selector: an existing folder absolute however it was given (a
+    relative `models/clip` is read before the Hub), Hub and tiny ids as they are."""
+    from ipgo.rewards import PickScore
+    from ipgo.rewards.base import weights_source
+
+    (tmp_path / "models" / "clip").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert weights_source("models/clip") == str(tmp_path.resolve() / "models" / "clip")
+    assert weights_source("./models/clip") == weights_source(str(tmp_path / "models" / "clip"))
+    assert weights_source("openai/clip-vit-large-patch14") == "openai/clip-vit-large-patch14"
+    assert ClipScore("tiny:clip").weights == "tiny:clip"
+    assert PickScore().weights != PickScore(processor="openai/clip-vit-large-patch14").weights  # scored differently

@@ -246,8 +246,10 @@ def looks_local(source: str | os.PathLike) -> bool:
 
 
 def weights_source(source: str) -> str:
-    """`source` as recorded to compare with another: a local path made absolute, a Hub or tiny id as it is."""
-    return str(Path(source).resolve()) if not is_tiny(source) and looks_local(source) else source
+    """`source` as recorded to compare with another: an existing local path made absolute (from_pretrained reads a
+    folder before the Hub, so also `models/clip`), a Hub or tiny id as it is."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if not is_tiny(source) and (path.exists() or looks_local(source)) else source
 
 
 def check_source(source: str | os.PathLike, what: str, hint: str = "") -> str:

@@ -10,7 +10,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from ipgo.backbones.base import ModelNotFoundError
-from ipgo.rewards.base import _CLIP_HINT, _missing_model_message, check_source, image_resize, load_clip_processing
+from ipgo.rewards.base import (
+    _CLIP_HINT,
+    _missing_model_message,
+    check_source,
+    image_resize,
+    load_clip_processing,
+    weights_source,
+)
 from ipgo.rewards.clip_score import ClipScore
 from ipgo.testing import resolve_source
 
@@ -31,6 +38,10 @@ class PickScore(ClipScore):
     ) -> None:
         super().__init__(model)
         self.processor = check_source(processor, "CLIP processor", hint=_CLIP_HINT)
+
+    @property
+    def weights(self) -> str:
+        return f"{super().weights} (processor {weights_source(self.processor)})"  # its preprocessing sets the scores
 
     def _load(self) -> None:
         from transformers import CLIPModel
