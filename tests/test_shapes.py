@@ -23,6 +23,21 @@ def test_oracle_reads_colours_at_any_brightness_it_sees():
         assert read(image)["left"].colour == colour
 
 
+def test_oracle_reads_white_and_grey_as_no_palette_colour():
+    """White or grey is no colour of the world; the nearest hue would call it yellow, so a washed-out sample
+    would pass for "a yellow square"."""
+    square = render(parse("a yellow square on the left"))
+    for grey in (1.0, 0.6):
+        washed = square.max(dim=0, keepdim=True).values.expand(3, -1, -1) * grey
+        assert read(washed)["left"] == read(square)["left"].__class__("grey", "square")
+        assert score(washed, "a yellow square on the left").colours == 0.0
+    pale = square * 0.7 + 0.25 * (square.max(dim=0).values > 0)  # a pale yellow is still yellow
+    assert read(pale.clamp(0, 1))["left"].colour == "yellow"
+    for bad in (torch.zeros(1, 3, 32, 32), torch.zeros(3, 64, 64), torch.zeros(3, 32, 32, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match="the oracle reads one image of shape \\(3, 32, 32\\)"):
+            read(bad)
+
+
 def test_oracle_scores_each_aspect():
     image = render(parse("a red circle on the left and a blue square on the right"))
     assert score(image, "a red circle on the left and a blue triangle on the right").__dict__ == {
@@ -109,6 +124,7 @@ def test_training_smoke_run_gives_loadable_models(tmp_path):
     reward.load()
     assert reward(image[None], ["a blue square on the right"]).shape == (1,)
     assert auc([0.9, 0.8, 0.1], [True, True, False]) == 1.0 and auc([0.1, 0.9], [True, False]) == 0.0
+    assert auc([0.1, 0.9], [True, True]) is None  # no incorrect sample: no AUC (null in metrics.json, not NaN)
 
 
 def test_the_training_command_refuses_a_folder_it_cannot_use(tmp_path, monkeypatch, capsys):
@@ -117,13 +133,43 @@ def test_the_training_command_refuses_a_folder_it_cannot_use(tmp_path, monkeypat
     afile = tmp_path / "notes.txt"
     afile.write_text("mine")
     cases = [(["--out", str(tmp_path / "empty"), "--measure"], "holds no trained sd/ or clip/"),
-             (["--out", str(afile)], f"--out {afile} is a file, not a folder")]
+             (["--out", str(afile)], f"--out {afile} is a file, not a folder"),
+             (["--steps", "0"], "argument --steps: '0' is not a whole number >= 1"),
+             (["--seed", str(2**64)], f"argument --seed: '{2**64}' is not a seed")]
     for args, message in cases:
-        monkeypatch.setattr("sys.argv", ["ipgo.shapes.train", *args])
         with pytest.raises(SystemExit) as exit_info:
-            main()
+            main(args)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert afile.read_text() == "mine"
+    assert not (tmp_path / "empty").exists()
+
+
+def test_a_rebuild_trains_every_stage_unless_asked_to_keep_the_model(tmp_path, monkeypatch):
+    """The recorded command retrains the text-to-image model even where a finished one with the same settings lies
+    (code outside those settings may have changed); --keep-model keeps it."""
+    import diffusers
+
+    import ipgo.shapes.train as shapes_train
+
+    class Reached(Exception):
+        pass
+
+    def stage(name):
+        def reached(*args, **kwargs):
+            raise Reached(name)
+        return reached
+
+    shipped = (Path(ipgo.shapes.__file__).parent / "weights/sd/training.json").read_text()
+    monkeypatch.setattr(shapes_train, "model_settings", lambda *args: json.loads(shipped))  # what lies there
+    monkeypatch.setattr("ipgo.shapes.clip.train_clip", lambda folder, **kwargs: folder)
+    monkeypatch.setattr(shapes_train, "train", stage("model trained"))
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", stage("model kept"))
+    for keep, reached in ((False, "model trained"), (True, "model kept")):
+        out = tmp_path / f"keep_{keep}"
+        (out / "sd").mkdir(parents=True)
+        (out / "sd" / "training.json").write_text(shipped)
+        with pytest.raises(Reached, match=reached):
+            shapes_train.build(str(out), keep_model=keep)
 
 
 def test_a_rebuild_keeps_only_a_model_trained_the_same_way(tmp_path):

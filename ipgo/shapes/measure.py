@@ -32,12 +32,13 @@ def oracle_accuracy(images: Tensor, texts: Sequence[str]) -> dict[str, float]:
     return {key: sum(s[key] for s in scores) / len(scores) for key in scores[0]}
 
 
-def auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
-    """Area under the ROC curve: the chance that a positive scores above a negative (ties count half)."""
+def auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve: the chance that a positive scores above a negative (ties count half); None
+    without both (metrics.json writes it as null)."""
     positives = [s for s, y in zip(scores, labels) if y]
     negatives = [s for s, y in zip(scores, labels) if not y]
     if not positives or not negatives:
-        return float("nan")
+        return None
     wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
     return wins / (len(positives) * len(negatives))
 

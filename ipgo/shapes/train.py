@@ -178,7 +178,7 @@ def train(out: str, steps: int = 1200, decoder_steps: int = 300, batch_size: int
               "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
               "snr_gamma": snr_gamma, "decoder_steps": decoder_steps, "torch_threads": torch.get_num_threads(),
               "decoder_mse": decoder_error,
-              "final_loss": sum(losses[-50:]) / 50,
+              "final_loss": sum(losses[-50:]) / len(losses[-50:]),
               "seconds": round(time.time() - started)}
     (path / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record))
@@ -199,20 +199,25 @@ def model_settings(steps: int, seed: int, text_steps: int) -> dict[str, Any]:
 def finished_model(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The training record of the model in `folder` if it was trained with these settings (so it is kept)."""
     done = folder / "training.json"
-    record = json.loads(done.read_text()) if done.is_file() else {}
+    try:
+        record = json.loads(done.read_text()) if done.is_file() else {}
+    except ValueError:  # a damaged record: train again
+        record = {}
     same = json.loads(json.dumps(settings))  # through JSON, so that tuples equal the lists the record holds
     return record if record and all(record.get(key) == value for key, value in same.items()) else None
 
 
-def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 300, seed: int = 0) -> dict[str, Any]:
+def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 300, seed: int = 0,
+          keep_model: bool = False) -> dict[str, Any]:
     """Train the CLIP text tower, the text-to-image model from it, then the CLIP reward on rendered and
     generated images; measure the targets of issue 7 into `metrics.json`.
 
     Stages: (1) a CLIP on rendered scenes (`text_steps`), whose text tower starts the text encoder;
     (2) the text-to-image model (`steps`); (3) the CLIP reward (`clip_steps`), on from (1), with the
     model's samples of training captions in the mix. Leaves sd/ and clip/ (the shipped models),
-    build.json (command, seconds per stage) and metrics.json in `out`. A finished sd/ stage trained with
-    every setting of `model_settings` the same is kept.
+    build.json (command, seconds per stage) and metrics.json in `out`. With `keep_model`, a finished sd/
+    stage trained with every setting of `model_settings` the same is kept (to iterate on the CLIP stage; code
+    changes outside those settings are not noticed, so a build to ship trains every stage).
     """
     import shutil
 
@@ -227,7 +232,7 @@ def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 
     started = time.time()
     text_clip = train_clip(root / "clip-text", steps=text_steps, seed=seed)
     seconds["clip_text"] = time.time() - started
-    record = finished_model(root / "sd", model_settings(steps, seed, text_steps))
+    record = finished_model(root / "sd", model_settings(steps, seed, text_steps)) if keep_model else None
     if record is None:
         train(str(root / "sd"), steps=steps, seed=seed, text_encoder_from=text_clip)
         seconds["sd"] = time.time() - started - sum(seconds.values())
@@ -243,9 +248,11 @@ def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 
     shutil.rmtree(text_clip)
     seconds["clip"] = time.time() - started - sum(seconds.values())
     command = (f"python -m ipgo.shapes.train --out {out} --steps {steps} --clip-steps {clip_steps} "
-               f"--text-steps {text_steps} --seed {seed}")
+               f"--text-steps {text_steps} --seed {seed} --threads {torch.get_num_threads()}"
+               + (" --keep-model" if record is not None else ""))
     build_record = {"command": command, "seed": seed, "seconds": {k: round(v) for k, v in seconds.items()},
-                    "total_seconds": round(sum(seconds.values())), "torch_threads": torch.get_num_threads()}
+                    "total_seconds": round(sum(seconds.values())), "torch_threads": torch.get_num_threads(),
+                    **({"model_kept_from_an_earlier_build": True} if record is not None else {})}
     (root / "build.json").write_text(json.dumps(build_record, indent=2) + "\n")
     print(json.dumps(build_record, indent=2))
     from ipgo.shapes.measure import measure
@@ -253,15 +260,43 @@ def build(out: str, steps: int = 1200, clip_steps: int = 600, text_steps: int = 
     return measure(out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Train the shapes-world text-to-image model and CLIP on the CPU.")
+def _count(text: str) -> int:
+    """A whole number >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def _seed(text: str) -> int:
+    """A torch seed (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63 - 20_000:  # build draws seeds up to seed + 10,001; torch takes < 2**63
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed: give a whole number from 0 to 2**63 - 20001")
+    return value
+
+
+def main(args: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ipgo.shapes.train",
+                                     description="Train the shapes-world text-to-image model and CLIP on the CPU.")
     parser.add_argument("--out", default="shapes-world", help="output folder: sd/, clip/, metrics.json")
-    parser.add_argument("--steps", type=int, default=1200, help="UNet + text encoder training steps")
-    parser.add_argument("--clip-steps", type=int, default=600, help="CLIP reward training steps")
-    parser.add_argument("--text-steps", type=int, default=300, help="CLIP steps that make the text encoder's start")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=_count, default=1200, help="UNet + text encoder training steps")
+    parser.add_argument("--clip-steps", type=_count, default=600, help="CLIP reward training steps")
+    parser.add_argument("--text-steps", type=_count, default=300, help="CLIP steps that make the text encoder's start")
+    parser.add_argument("--seed", type=_seed, default=0)
+    parser.add_argument("--threads", type=_count, default=2,
+                        help="torch threads: float sums, so the weights, depend on it (the shipped ones: 2)")
+    parser.add_argument("--keep-model", action="store_true",
+                        help="keep a finished sd/ in --out trained with the same settings (to retrain the CLIP only)")
     parser.add_argument("--measure", action="store_true", help="only measure the models already in --out")
-    args = parser.parse_args()
+    args = parser.parse_args(args)
+    torch.set_num_threads(args.threads)
     if args.measure:
         from ipgo.shapes.measure import measure
 
@@ -277,7 +312,7 @@ def main() -> None:
             check_writable_folder(args.out, "--out", "ipgo.shapes.train")
         except UserError as error:
             parser.error(str(error))
-        build(args.out, args.steps, args.clip_steps, args.text_steps, args.seed)
+        build(args.out, args.steps, args.clip_steps, args.text_steps, args.seed, args.keep_model)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ SHAPES = ("circle", "square", "triangle")
 SIDES = ("left", "right")
 FOREGROUND = 0.35  # a pixel whose brightest channel exceeds this is part of a shape
 MIN_PIXELS = 6  # fewer foreground pixels in a half: the half is empty
+MIN_SATURATION = 0.25  # a shape whose mean colour is greyer, (max - min) / max below this, has none of the four
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,11 @@ class Reading:
 
 
 def read(image: Tensor) -> dict[str, Reading]:
-    """The oracle's reading of each half of an image (3, 32, 32) in [0, 1]."""
+    """The oracle's reading of each half of an image (3, 32, 32) in [0, 1]; a shape of no palette colour (white,
+    grey) reads as colour "grey"."""
+    if image.shape != (3, SIZE, SIZE) or not image.is_floating_point():
+        raise ValueError(f"the oracle reads one image of shape (3, {SIZE}, {SIZE}) with values in [0, 1], got shape "
+                         f"{tuple(image.shape)} of {image.dtype}")
     readings = {}
     palette = torch.tensor(list(COLOURS.values()))  # (4, 3)
     for side, half in zip(SIDES, (image[:, :, :HALF], image[:, :, HALF:])):
@@ -161,6 +166,8 @@ def read(image: Tensor) -> dict[str, Reading]:
         mean = half[:, mask].mean(dim=1)
         hue = mean / mean.max()  # by hue, not brightness: a dim yellow is nearer red than yellow in raw RGB
         colour = list(COLOURS)[int(((palette - hue) ** 2).sum(dim=1).argmin())]
+        if 1 - hue.min() < MIN_SATURATION:  # white or grey would otherwise read as yellow, the nearest hue
+            colour = "grey"
         rows, cols = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
         box = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].float()
         readings[side] = Reading(colour, _shape_of(box))
