@@ -115,7 +115,7 @@ def train_clip(out: str | Path, generated: Sequence[Tensor] = (), steps: int = 6
         loss.backward()
         optimizer.step()
         if step % 50 == 0:
-            print(f"clip step {step}: loss {float(loss):.4f}", flush=True)
+            print(f"clip step {step}: loss {float(loss.detach()):.4f}", flush=True)
 
     path = Path(out)
     model.save_pretrained(path)

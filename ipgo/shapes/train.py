@@ -88,7 +88,7 @@ def train_decoder(vae: torch.nn.Module, captions: list[str], steps: int, seed: i
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def unet_loss_weights(noise_schedule: Any, t: Tensor, gamma: float) -> Tensor:
@@ -161,7 +161,7 @@ def train(out: str, steps: int = 1200, decoder_steps: int = 300, batch_size: int
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - decay)
-        losses.append(float(errors.mean()))
+        losses.append(float(errors.detach().mean()))
         if step % 50 == 0:
             print(f"step {step}: loss {sum(losses[-50:]) / 50:.4f} ({time.time() - started:.0f} s)", flush=True)
     with torch.no_grad():
