@@ -61,6 +61,7 @@ from ipgo.generate import (
     pipeline_config,
     progress_bar,
     render,
+    rendering_dtype,
     sampler_settings,
 )
 from ipgo.report import GRID_PROMPTS, as_uint8, save_before_after
@@ -197,10 +198,8 @@ def evaluate(
     token_files = {name: load_tokens(path) for name, path in named.items()}
     first = next(iter(token_files.values()))
     _check_same_model(token_files)
-    trained_in = {name: t.extra.get("dtype", "float32") for name, t in token_files.items()}
-    on_cpu = torch.device(device).type == "cpu"  # float16 renders in float32 there (see generate._recorded_dtype)
-    if dtype is None and len({"float32" if on_cpu and d == "float16" else d for d in trained_in.values()}) > 1:
-        listed = ", ".join(f"{name}: {d}" for name, d in trained_in.items())
+    if dtype is None and len({rendering_dtype(t, device) for t in token_files.values()}) > 1:
+        listed = ", ".join(f"{name}: {t.extra.get('dtype', 'float32')}" for name, t in token_files.items())
         raise UserError(f"the methods were trained in different dtypes ({listed}) and render in one pipeline: choose "
                         "its dtype with --dtype")
     seed_list = parse_seeds(seeds)

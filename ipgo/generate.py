@@ -99,14 +99,20 @@ def call_settings(tokens: TokenFile) -> dict[str, Any]:
             **{key: int(tokens.extra[key]) for key in ("max_sequence_length",) if key in tokens.extra}}
 
 
-def _recorded_dtype(tokens: TokenFile, device: str) -> str:
-    """The dtype the tokens were trained in; float32 on a CPU for float16 runs (slow or missing kernels there)."""
+def rendering_dtype(tokens: TokenFile, device: str) -> str:
+    """The dtype the tokens render in without --dtype: the one they were trained in, but float32 on a CPU for
+    float16 runs (slow or missing kernels there)."""
     recorded = tokens.extra.get("dtype", "float32")
-    if recorded == "float16" and torch.device(device).type == "cpu":
+    return "float32" if recorded == "float16" and torch.device(device).type == "cpu" else recorded
+
+
+def _recorded_dtype(tokens: TokenFile, device: str) -> str:
+    """`rendering_dtype`, with a warning where it is not the one trained in."""
+    dtype = rendering_dtype(tokens, device)
+    if dtype != tokens.extra.get("dtype", "float32"):
         warnings.warn("the tokens were trained in float16, which the CPU does not run well: rendering in float32 "
                       "(images differ slightly from training; pass --dtype float16 to insist)", stacklevel=3)
-        return "float32"
-    return recorded
+    return dtype
 
 
 def pipeline_config(tokens: TokenFile, model: str | None = None) -> dict[str, Any]:
